@@ -1,0 +1,3 @@
+from mailfence.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""What every command shares: the --config option, opening things, and errors at the edge."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from mailfence import config as config_module
+from mailfence.config import Config, ConfigError
+from mailfence.store import StoreError, open_database
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Settings file (TOML). Default: ./mailfence.toml if present, else built-in defaults.",
+        show_default=False,
+    ),
+]
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    err.print(f"mailfence: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def load_config(path: Path | None) -> Config:
+    try:
+        return config_module.load(path)
+    except ConfigError as error:
+        fail(str(error), EXIT_CONFIG)
+
+
+@contextmanager
+def database(path: Path | None) -> Iterator[tuple[Config, sqlite3.Connection]]:
+    """The configured database, created and migrated if needed; closed afterwards."""
+    config = load_config(path)
+    try:
+        conn = open_database(config.state_dir)
+    except StoreError as error:
+        fail(str(error))
+    try:
+        yield config, conn
+    finally:
+        conn.close()
+
+
+def read_password(from_stdin: bool) -> str:
+    """One line from standard input, or a hidden prompt asked twice.
+
+    Never an argument: an argument would show in the process list and shell history.
+    """
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        fail("the password is empty")
+    return password

@@ -1,0 +1,399 @@
+"""The TOML settings as frozen dataclasses.
+
+This module only reads and validates; nothing here opens a socket or a database. Every error
+names the file, the key and the fix, because the person reading it is an operator at a
+terminal, not a developer with a debugger.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TLSMode = Literal["starttls", "implicit", "none"]
+FailureReply = Literal["temporary", "permanent"]
+BareNewline = Literal["normalize", "reject"]
+
+DEFAULT_CONFIG_NAME = "mailfence.toml"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message is one line an operator can act on."""
+
+    def __init__(self, source: str, key: str, problem: str, fix: str) -> None:
+        self.source, self.key, self.problem, self.fix = source, key, problem, fix
+        super().__init__(f"{source}: {key}: {problem}; fix: {fix}")
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str
+    host: str
+    port: int
+    tls: TLSMode
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    hostname: str = "localhost"
+    max_connections: int = 1000
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: a server waits 5 minutes per command
+    data_timeout: float = 600.0
+    tls_handshake_timeout: float = 30.0
+    shutdown_timeout: float = 30.0
+    bare_newline: BareNewline = "normalize"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    plaintext_networks: tuple[IPNetwork, ...] = ()
+    failure_reply: FailureReply = "temporary"
+    verify_threads: int = 2
+    verify_queue: int = 64
+    cache_ttl: float = 3600.0
+    argon2_time_cost: int = 2
+    argon2_memory_kib: int = 19456
+    argon2_parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    upstream: str = ""
+    upstream_username: str = ""
+    upstream_password_file: str = ""
+    upstream_tls_verify: bool = True
+    upstream_ca_file: str = ""
+    max_message_bytes: int = 26214400
+    max_recipients: int = 100
+    delivery_workers: int = 8
+    messages_per_connection: int = 100
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+    max_queue_age: float = 5 * 86400.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    mx_port: int = 25
+    dns_servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_messages: int = 100000
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "<embedded defaults>"
+    state_dir: Path = Path("./mailfence-data")
+    listen: tuple[Listener, ...] = field(
+        default_factory=lambda: (
+            Listener("127.0.0.1:2525", "127.0.0.1", 2525, "starttls"),
+            Listener("127.0.0.1:2465", "127.0.0.1", 2465, "implicit"),
+        )
+    )
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "mailfence.sqlite3"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90' or '90s' → 90.0, '5m' → 300.0, '4h', '5d'. Raises ValueError."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:2525' or '[::1]:2525' → (host, port). Raises ValueError."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so leftovers can be refused."""
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any]) -> None:
+        self.source, self.prefix, self.table = source, prefix, table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem, fix)
+
+    def _get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.table.get(name)
+
+    def text(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {value!r}", f'write {name} = "..."')
+        if choices and value not in choices:
+            raise self.fail(
+                name, f"{value!r} is not one of {', '.join(choices)}", f"use one of {choices}"
+            )
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int = 2**62) -> int:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be a whole number, got {value!r}", f"write {name} = 10")
+        if not minimum <= value <= maximum:
+            raise self.fail(
+                name, f"{value} is out of range", f"use a number from {minimum} to {maximum}"
+            )
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}", f"write {name} = true")
+        return value
+
+    def duration(self, name: str, default: float, minimum: float = 0.001) -> float:
+        return self._to_duration(name, self._get(name), default, minimum)
+
+    def _to_duration(self, name: str, value: Any, default: float, minimum: float) -> float:
+        if value is None:
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            seconds = float(value) if isinstance(value, int | float) else parse_duration(value)
+        except (ValueError, TypeError):
+            raise self.fail(
+                name,
+                f"{value!r} is not a duration",
+                'write seconds as a number or a string like "30s", "5m", "4h", "5d"',
+            ) from None
+        if seconds < minimum:
+            raise self.fail(name, f"{value!r} is too short", f"use at least {minimum} seconds")
+        return seconds
+
+    def durations(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not value:
+            raise self.fail(name, "must be a non-empty list", f'write {name} = ["1m", "5m", "1h"]')
+        return tuple(self._to_duration(name, item, 0.0, 0.001) for item in value)
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self._get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(name, "must be a list of strings", f'write {name} = ["..."]')
+        return tuple(value)
+
+    def table_of(self, name: str) -> Mapping[str, Any]:
+        value = self._get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table", f"write it as a [{self.key(name)}] section")
+        return cast(Mapping[str, Any], value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, sorted(self.used), n=1)
+            fix = f"did you mean {self.key(close[0])!r}?" if close else "remove it"
+            fix += " (mailfence.example.toml lists every key)"
+            raise self.fail(name, "unknown key", fix)
+
+
+def _networks(section: _Section, name: str) -> tuple[IPNetwork, ...]:
+    result = []
+    for text in section.strings(name):
+        try:
+            result.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise section.fail(
+                name, f"{text!r} is not a network", 'write networks like "127.0.0.0/8"'
+            ) from None
+    return tuple(result)
+
+
+def _listeners(source: str, value: Any) -> tuple[Listener, ...]:
+    if value is None:
+        return Config().listen
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            source, "listen", "must be [[listen]] tables", "see mailfence.example.toml"
+        )
+    result = []
+    for index, table in enumerate(value):
+        if not isinstance(table, dict):
+            raise ConfigError(source, "listen", "must be [[listen]] tables", "see the example")
+        section = _Section(source, f"listen[{index}]", table)
+        address = section.text("address", "")
+        try:
+            host, port = parse_address(address)
+        except ValueError:
+            raise section.fail(
+                "address", f"{address!r} is not host:port", 'write "127.0.0.1:2525" or "[::1]:2525"'
+            ) from None
+        tls = cast(TLSMode, section.text("tls", "starttls", ("starttls", "implicit", "none")))
+        section.done()
+        result.append(Listener(address, host, port, tls))
+    return tuple(result)
+
+
+def _upstream_ok(url: str) -> bool:
+    return (
+        url == "" or re.fullmatch(r"(smtp|smtp\+starttls|smtps)://[^/:]+(:\d+)?/?", url) is not None
+    )
+
+
+def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config:
+    """Builds a Config from parsed TOML. Relative paths are taken from the file's folder."""
+    top = _Section(source, "", data)
+    state_dir = Path(top.text("state_dir", "./mailfence-data"))
+    if not state_dir.is_absolute():
+        state_dir = base_dir / state_dir
+    listen = _listeners(source, top._get("listen"))
+
+    sec = _Section(source, "tls", top.table_of("tls"))
+    tls = TLSConfig(cert=sec.text("cert", ""), key=sec.text("key", ""))
+    if bool(tls.cert) != bool(tls.key):
+        raise sec.fail("cert", "cert and key must be given together", "set both, or neither")
+    sec.done()
+
+    d = SMTPConfig()
+    sec = _Section(source, "smtp", top.table_of("smtp"))
+    smtp = SMTPConfig(
+        hostname=sec.text("hostname", d.hostname),
+        max_connections=sec.integer("max_connections", d.max_connections, 1),
+        command_timeout=sec.duration("command_timeout", d.command_timeout),
+        data_timeout=sec.duration("data_timeout", d.data_timeout),
+        tls_handshake_timeout=sec.duration("tls_handshake_timeout", d.tls_handshake_timeout),
+        shutdown_timeout=sec.duration("shutdown_timeout", d.shutdown_timeout, 0.0),
+        bare_newline=cast(
+            BareNewline, sec.text("bare_newline", d.bare_newline, ("normalize", "reject"))
+        ),
+    )
+    sec.done()
+
+    a = AuthConfig()
+    sec = _Section(source, "auth", top.table_of("auth"))
+    auth = AuthConfig(
+        plaintext_networks=_networks(sec, "plaintext_networks"),
+        failure_reply=cast(
+            FailureReply,
+            sec.text("failure_reply", a.failure_reply, ("temporary", "permanent")),
+        ),
+        verify_threads=sec.integer("verify_threads", a.verify_threads, 1, 256),
+        verify_queue=sec.integer("verify_queue", a.verify_queue, 0, 100000),
+        cache_ttl=sec.duration("cache_ttl", a.cache_ttl, 0.0),
+        argon2_time_cost=sec.integer("argon2_time_cost", a.argon2_time_cost, 1, 100),
+        argon2_memory_kib=sec.integer("argon2_memory_kib", a.argon2_memory_kib, 8, 4 * 1024 * 1024),
+        argon2_parallelism=sec.integer("argon2_parallelism", a.argon2_parallelism, 1, 64),
+    )
+    sec.done()
+
+    r = RelayConfig()
+    sec = _Section(source, "relay", top.table_of("relay"))
+    upstream = sec.text("upstream", r.upstream)
+    if not _upstream_ok(upstream):
+        raise sec.fail(
+            "upstream",
+            f"{upstream!r} is not an upstream URL",
+            'write "smtp://host:587", "smtp+starttls://host:587", "smtps://host:465" or ""',
+        )
+    relay = RelayConfig(
+        upstream=upstream,
+        upstream_username=sec.text("upstream_username", r.upstream_username),
+        upstream_password_file=sec.text("upstream_password_file", r.upstream_password_file),
+        upstream_tls_verify=sec.flag("upstream_tls_verify", r.upstream_tls_verify),
+        upstream_ca_file=sec.text("upstream_ca_file", r.upstream_ca_file),
+        max_message_bytes=sec.integer("max_message_bytes", r.max_message_bytes, 1024),
+        max_recipients=sec.integer("max_recipients", r.max_recipients, 1, 100000),
+        delivery_workers=sec.integer("delivery_workers", r.delivery_workers, 1, 1000),
+        messages_per_connection=sec.integer(
+            "messages_per_connection", r.messages_per_connection, 1, 100000
+        ),
+        retry_schedule=sec.durations("retry_schedule", r.retry_schedule),
+        max_queue_age=sec.duration("max_queue_age", r.max_queue_age),
+        connect_timeout=sec.duration("connect_timeout", r.connect_timeout),
+        command_timeout=sec.duration("command_timeout", r.command_timeout),
+        mx_port=sec.integer("mx_port", r.mx_port, 1, 65535),
+        dns_servers=sec.strings("dns_servers"),
+    )
+    if relay.upstream_username and not relay.upstream_password_file:
+        raise sec.fail(
+            "upstream_password_file",
+            "upstream_username is set but no password file is",
+            "put the password in a file readable only by mailfence and name it here",
+        )
+    sec.done()
+
+    sec = _Section(source, "spool", top.table_of("spool"))
+    spool = SpoolConfig(max_messages=sec.integer("max_messages", SpoolConfig.max_messages, 1))
+    sec.done()
+    top.done()
+    return Config(source, state_dir, listen, tls, smtp, auth, relay, spool)
+
+
+def load(path: Path | None) -> Config:
+    """Loads `path`, or ./mailfence.toml if it exists, or the embedded defaults."""
+    if path is None:
+        default = Path(DEFAULT_CONFIG_NAME)
+        if not default.exists():
+            return Config()
+        path = default
+    source = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "does not exist", "check the --config path") from None
+    except OSError as error:
+        raise ConfigError(
+            source, "(file)", f"cannot be read ({error.strerror})", "check its permissions"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, "(syntax)", str(error), "correct the TOML syntax") from None
+    return from_mapping(data, source, path.resolve().parent)
+
+
+def resolve_path(config: Config, value: str) -> Path:
+    """A path from the config; relative ones are taken from the state directory."""
+    path = Path(value)
+    return path if path.is_absolute() else config.state_dir / path

@@ -1,0 +1,1 @@
+"""Emptying the spool: routes, delivery workers, retries and bounces."""

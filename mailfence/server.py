@@ -1,0 +1,239 @@
+"""The relay's lifecycle: startup, the main loop's housekeeping, signals and shutdown.
+
+Shaped like uvicorn's `Server`: `run()` → `serve()` → `startup()` → `main_loop()` →
+`shutdown()`. Signal handlers only set flags; the main loop ticks every 0.1 s and acts on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sqlite3
+import ssl
+import time
+from pathlib import Path
+
+import uvloop
+
+from mailfence import config as config_module
+from mailfence.auth import (
+    Accounts,
+    Authenticator,
+    CredentialCache,
+    VerificationPool,
+    accounts_from_database,
+    make_hasher,
+)
+from mailfence.config import Config, ConfigError
+from mailfence.delivery.worker import Delivery
+from mailfence.smtp import replies
+from mailfence.smtp.handler import RelayHandler
+from mailfence.smtp.listeners import ListenError, Listeners
+from mailfence.smtp.tls import TLSSetupError, ensure_self_signed, server_context
+from mailfence.spool import Spool
+from mailfence.store import StoreError, Writer, connect, open_database
+
+log = logging.getLogger("mailfence")
+
+TICK = 0.1
+
+
+class StartupError(Exception):
+    """The relay cannot start; the message is the one line to show the operator."""
+
+
+def _users_signature(conn: sqlite3.Connection) -> tuple[int, float]:
+    row = conn.execute("SELECT count(*), total(updated) FROM users").fetchone()
+    return int(row[0]), float(row[1])
+
+
+class Server:
+    def __init__(
+        self, config: Config, config_path: Path | None = None, install_signals: bool = True
+    ) -> None:
+        self.config = config
+        self.install_signals = install_signals
+        self.config_path = config_path
+        self.should_exit = False
+        self.force_exit = False
+        self.reload_requested = False
+        self.started_at = time.monotonic()
+        self.ready_event: asyncio.Event | None = None
+        self.ports: list[int] = []
+
+    # --- entry points --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Blocks until the relay has stopped. Raises StartupError if it cannot start."""
+        uvloop.run(self.serve())
+
+    async def serve(self) -> None:
+        self.ready_event = asyncio.Event()
+        await self.startup()
+        try:
+            self.ready_event.set()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    # --- startup -------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        config = self.config
+        try:
+            conn = open_database(config.state_dir)
+        except StoreError as error:
+            raise StartupError(f"{config.source}: state_dir: {error}") from None
+        self.writer = Writer(conn)
+        self.watch_conn = connect(config.database_path)
+        self.users_signature = await asyncio.to_thread(_users_signature, self.watch_conn)
+
+        self.tls = self._tls_context()
+
+        auth = config.auth
+        self.accounts: Accounts = accounts_from_database(str(config.database_path))
+        await self.accounts.reload()
+        self.pool = VerificationPool(make_hasher(auth), auth.verify_threads, auth.verify_queue)
+        self.cache = CredentialCache(auth.cache_ttl)
+        self.authenticator = Authenticator(self.accounts, self.cache, self.pool)
+
+        self.spool = Spool(self.writer, config.database_path, config.spool.max_messages)
+        await self.spool.start()
+        self.handler = RelayHandler(config, self.authenticator, self.spool)
+        try:
+            self.delivery = Delivery(config, self.spool)
+        except OSError as error:
+            raise StartupError(
+                f"{config.source}: relay.upstream_password_file: cannot be read "
+                f"({error.strerror}); fix: check the path and its permissions"
+            ) from None
+        self.listeners = Listeners(config, self.handler, self.tls)
+        try:
+            await self.listeners.start()
+        except ListenError as error:
+            raise StartupError(str(error)) from None
+        self.ports = self.listeners.bound_ports()
+        self.delivery.start()
+        if self.install_signals:  # only possible on the main thread
+            self._install_signal_handlers()
+        described = ", ".join(
+            f"{listener.tls} {listener.host}:{port}"
+            for listener, port in zip(config.listen, self.ports, strict=True)
+        )
+        log.info(
+            "mailfence ready: %s; state in %s; %d users; %d queued",
+            described,
+            config.state_dir,
+            len(self.accounts.users),
+            self.spool.size,
+        )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        config = self.config
+        if config.tls.cert:
+            cert = config_module.resolve_path(config, config.tls.cert)
+            key = config_module.resolve_path(config, config.tls.key)
+        else:
+            cert, key = ensure_self_signed(config.state_dir / "tls", config.smtp.hostname)
+        try:
+            return server_context(cert, key)
+        except TLSSetupError as error:
+            raise StartupError(
+                f"{config.source}: tls.cert: {error}; fix: point tls.cert and tls.key at a "
+                "readable PEM certificate and its key"
+            ) from None
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_exit_signal)
+        loop.add_signal_handler(signal.SIGINT, self._on_exit_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_exit_signal(self) -> None:
+        # The first signal drains; a second one (an impatient Ctrl-C) skips the waiting.
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    def _on_reload_signal(self) -> None:
+        self.reload_requested = True
+
+    # --- the main loop -------------------------------------------------------------------
+
+    async def main_loop(self) -> None:
+        next_housekeeping = 0.0
+        while not self.should_exit:
+            await asyncio.sleep(TICK)
+            if self.reload_requested:
+                self.reload_requested = False
+                await self.reload()
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + 1.0
+                await self.housekeeping(now)
+
+    async def housekeeping(self, now: float) -> None:
+        # Changes made by `mailfence users ...` in another process: picked up within a second.
+        signature = await asyncio.to_thread(_users_signature, self.watch_conn)
+        if signature != self.users_signature:
+            self.users_signature = signature
+            await self.accounts.reload()
+            log.info("users reloaded: %d accounts", len(self.accounts.users))
+        await self.spool.refresh_size()
+        self.delivery.close_idle_connections(now)
+
+    async def reload(self) -> None:
+        """SIGHUP: users, the certificate, and the settings that can change live."""
+        await self.accounts.reload()
+        if self.config_path is not None:
+            try:
+                new = config_module.load(self.config_path)
+            except ConfigError as error:
+                log.error("reload refused, keeping the running configuration: %s", error)
+                return
+            if new.listen != self.config.listen or new.state_dir != self.config.state_dir:
+                log.warning("listen and state_dir changes take effect only after a restart")
+            self.config = new
+            self.handler.config = new
+            self.listeners.config = new
+            self.delivery.config = new
+        try:
+            if self.config.tls.cert:
+                cert = config_module.resolve_path(self.config, self.config.tls.cert)
+                key = config_module.resolve_path(self.config, self.config.tls.key)
+            else:
+                cert, key = ensure_self_signed(self.config.state_dir / "tls", "localhost")
+            # Loading into the live context changes the certificate for new handshakes.
+            self.tls.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as error:
+            log.error("reload kept the old certificate: %s", error)
+        log.info("reloaded: %d users", len(self.accounts.users))
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        deadline = time.monotonic() + (
+            0.0 if self.force_exit else self.config.smtp.shutdown_timeout
+        )
+        # 1. Stop accepting new connections.
+        await self.listeners.stop_accepting()
+        # 2. Idle sessions are told 421 and closed; a session in the middle of a command
+        #    (DATA above all) may finish it, then is closed the same way.
+        while self.listeners.live and time.monotonic() < deadline and not self.force_exit:
+            for session in list(self.listeners.live):
+                if not session.busy:
+                    session.close_with(replies.SHUTTING_DOWN)
+            await asyncio.sleep(0.05)
+        # 3. Past the deadline: close whatever is left (their mail was never answered 250).
+        for session in list(self.listeners.live):
+            session.close_with(replies.SHUTTING_DOWN)
+        await self.listeners.close()
+        # 4. Delivery workers finish their current message.
+        await self.delivery.stop(max(1.0, deadline - time.monotonic()))
+        # 5. Storage last: every write queued so far is committed before the process exits.
+        self.pool.shutdown()
+        self.spool.close()
+        await asyncio.to_thread(self.writer.close)
+        self.watch_conn.close()
+        log.info("mailfence stopped")

@@ -1,0 +1,1 @@
+"""The SMTP side: the only package that speaks SMTP."""

@@ -1,0 +1,213 @@
+"""aiosmtpd handler hooks: translate SMTP into calls on the relay's core and back.
+
+AUTH is implemented as `async auth_PLAIN` / `auth_LOGIN` on the handler, not through
+aiosmtpd's synchronous `authenticator=` callback, so that password hashing happens in the
+verification pool and never on the event loop (STYLE.md, "Note the trap").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import logging
+import re
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+
+from mailfence.auth import Authenticator, Outcome
+from mailfence.config import Config
+from mailfence.smtp import replies
+from mailfence.smtp.session import RelaySMTP
+from mailfence.spool import Spool, SpoolFull, new_id
+from mailfence.store.users import User
+
+log = logging.getLogger("mailfence.smtp")
+
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def _decode_b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+
+
+class RelayHandler:
+    def __init__(self, config: Config, authenticator: Authenticator, spool: Spool) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self.spool = spool
+
+    # --- AUTH (RFC 4954, RFC 4616) -------------------------------------------------------
+
+    async def _challenge(self, server: RelaySMTP, prompt: str) -> bytes | None:
+        answer = await server.challenge_auth(prompt)  # pushes 501 itself on '*' or bad base64
+        return None if answer is MISSING else answer
+
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self._challenge(server, "")
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        else:
+            decoded = _decode_b64(args[1])
+            if decoded is None:
+                return AuthResult(success=False, message=replies.AUTH_BAD_BASE64)
+            blob = decoded
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            return AuthResult(success=False, message=replies.AUTH_BAD_PLAIN)
+        _authzid, login, password = parts
+        return await self._authenticate(server, login, password)
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self._challenge(server, server.AuthLoginUsernameChallenge)
+            if login is None:
+                return AuthResult(success=False, handled=True)
+        else:
+            decoded = _decode_b64(args[1])
+            if decoded is None:
+                return AuthResult(success=False, message=replies.AUTH_BAD_BASE64)
+            login = decoded
+        password = await self._challenge(server, server.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password)
+
+    async def _authenticate(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
+        name = login.decode("utf-8", "surrogateescape")
+        server.phase = "auth"
+        verdict = await self.authenticator.check(name, password)
+        log.info(
+            "auth %s user=%r peer=%s cached=%s",
+            verdict.outcome.value,
+            name,
+            server.peer_address,
+            verdict.cached,
+        )
+        if verdict.outcome is Outcome.OK:
+            server.phase = "authenticated"
+            return AuthResult(success=True, auth_data=verdict.user, message=replies.AUTH_OK)
+        server.phase = "ehlo"
+        if verdict.outcome is Outcome.BUSY:
+            return AuthResult(success=False, message=replies.AUTH_TEMPORARY_FAILURE)
+        if verdict.outcome is Outcome.DISABLED:
+            return AuthResult(success=False, message=replies.AUTH_DISABLED)
+        if self.config.auth.failure_reply == "permanent":
+            return AuthResult(success=False, message=replies.AUTH_INVALID)
+        return AuthResult(success=False, message=replies.AUTH_TEMPORARY_FAILURE)
+
+    # --- envelope ------------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to the hook when one exists
+        server.phase = "authenticated" if session.authenticated else "ehlo"
+        # Drop aiosmtpd's "250 HELP" and end with the two extensions it does not list.
+        lines = [line for line in responses if line != "250 HELP"]
+        lines += ["250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
+        return lines
+
+    async def handle_MAIL(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        user: User | None = session.auth_data
+        if user is None:  # aiosmtpd's auth_required answers 530 before this hook
+            return replies.AUTH_REQUIRED
+        if not user.may_send_as(address):
+            log.info("sender refused user=%r from=%r", user.name, address)
+            return replies.SENDER_NOT_ALLOWED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.config.relay.max_recipients:
+            # RFC 5321 §4.5.3.1.10: 452 tells the client to send the rest in another message.
+            return replies.TOO_MANY_RECIPIENTS
+        if "@" not in address:
+            return replies.BAD_RECIPIENT
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return replies.RECIPIENT_OK
+
+    # --- DATA ----------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        content: bytes = envelope.original_content or b""
+        if _BARE_NEWLINE.search(content):
+            # RFC 5321 §2.3.8: lines end in CRLF. A bare LF or CR is how SMTP smuggling hides
+            # a second message; never pass one upstream as it came.
+            if self.config.smtp.bare_newline == "reject":
+                return replies.BARE_NEWLINE
+            content = _BARE_NEWLINE.sub(b"\r\n", content)
+        if len(content) > self.config.relay.max_message_bytes:
+            return replies.MESSAGE_TOO_BIG
+        user: User | None = session.auth_data
+        if user is None:  # unreachable: aiosmtpd's auth_required guards DATA
+            return replies.AUTH_REQUIRED
+        msg_id = new_id()
+        received = self._received_header(server, session, envelope, msg_id)
+        try:
+            await self.spool.enqueue(
+                envelope.mail_from or "",
+                list(envelope.rcpt_tos),
+                received + content,
+                user.name,
+                msg_id=msg_id,
+            )
+        except SpoolFull:
+            log.warning("spool full (%d messages): refusing with 452", self.spool.size)
+            return replies.SPOOL_FULL
+        except Exception:
+            log.exception("spool write failed; the client is told to retry")
+            return replies.SPOOL_FAILED
+        log.info(
+            "queued id=%s user=%r from=%r rcpts=%d size=%d",
+            msg_id,
+            user.name,
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            len(content),
+        )
+        return replies.QUEUED.format(id=msg_id)
+
+    def _received_header(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, msg_id: str
+    ) -> bytes:
+        # RFC 5321 §4.4 trace field; "with" values from RFC 3848.
+        protocol = "ESMTPSA" if server.encrypted else "ESMTPA"
+        helo = session.host_name or "unknown"
+        recipient = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        date = email.utils.formatdate(localtime=False)
+        text = (
+            f"Received: from {helo} ([{server.peer_address}])\r\n"
+            f"\tby {self.config.smtp.hostname} (mailfence) with {protocol} id {msg_id}"
+            f"{recipient}; {date}\r\n"
+        )
+        return text.encode("utf-8", "surrogateescape")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("unexpected error in an SMTP session")
+        return "451 4.3.0 Local error in processing"

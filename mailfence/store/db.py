@@ -1,0 +1,109 @@
+"""Opening the database and bringing its schema up to date.
+
+One file in WAL mode. Readers never block the writer and vice versa; `synchronous=FULL` makes
+every commit fsync the WAL, which is what lets the relay answer 250 only after a message is on
+disk (DESIGN.md, "Storage").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+
+class StoreError(Exception):
+    """The database cannot be opened or is from a newer mailfence."""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the pragmas every mailfence connection needs.
+
+    `isolation_level=None` leaves transactions to us: writes use BEGIN IMMEDIATE explicitly,
+    so a batch of spool inserts is one transaction and one fsync.
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.table("users").create(
+        {
+            "name": str,
+            "password_hash": str,
+            "senders": str,  # JSON list of patterns
+            "disabled": int,
+            "created": float,
+            "updated": float,
+        },
+        pk="name",
+    )
+    db.table("spool").create(
+        {
+            "id": str,
+            "created": float,
+            "mail_from": str,
+            "auth_user": str,
+            "size": int,
+            "is_bounce": int,
+            "attempts": int,
+            "next_attempt": float,
+            "last_error": str,
+            "message": bytes,
+        },
+        pk="id",
+    )
+    db.table("spool").create_index(["next_attempt"])
+    db.table("spool_recipients").create(
+        {
+            "msg_id": str,
+            "rcpt": str,
+            "state": str,  # pending | delivered | failed
+            "code": int,
+            "reply": str,
+            "updated": float,
+        },
+        pk=("msg_id", "rcpt"),
+        foreign_keys=[("msg_id", "spool", "id")],
+    )
+    # A foreign key with ON DELETE CASCADE is not expressible through create(); the spool
+    # deletes recipients explicitly in the same transaction instead.
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the database is at schema {version}, newer than this mailfence knows "
+            f"({len(MIGRATIONS)}); run the newer mailfence or restore a backup"
+        )
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[number - 1](db)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def open_database(state_dir: Path) -> sqlite3.Connection:
+    """Creates the state directory if needed, opens the database, runs migrations."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = connect(state_dir / "mailfence.sqlite3")
+        migrate(conn)
+    except (OSError, sqlite3.Error) as error:
+        raise StoreError(f"cannot open the database in {state_dir}: {error}") from error
+    return conn

@@ -1,0 +1,109 @@
+"""One writer thread, fed by a queue, with group commit.
+
+Callers on the event loop `await writer.run(fn)`; `fn(conn)` runs on the writer thread inside a
+BEGIN IMMEDIATE transaction. Every job waiting when the thread wakes joins the same
+transaction, so fifty concurrent spool inserts cost one fsync, and none of their callers is
+answered before that fsync (DESIGN.md: "group commit that fsyncs before any of the batch is
+answered").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+MAX_BATCH = 256
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class Writer:
+    def __init__(self, conn: sqlite3.Connection, max_pending: int = 10000) -> None:
+        self._conn = conn
+        # Bounded: a stalled disk makes callers wait on put, not the process grow.
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._loop, name="mailfence-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        job = _Job(fn, future, loop)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            await asyncio.to_thread(self._jobs.put, job)
+        return await future
+
+    def close(self) -> None:
+        """Finishes every queued job, then stops the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Job]) -> None:
+        results: list[tuple[_Job, bool, Any]] = []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                # A savepoint per job: one failing job is rolled back alone and the rest of
+                # the batch still commits.
+                self._conn.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(self._conn)
+                    self._conn.execute("RELEASE job")
+                    results.append((job, True, value))
+                except Exception as error:
+                    self._conn.execute("ROLLBACK TO job")
+                    self._conn.execute("RELEASE job")
+                    results.append((job, False, error))
+            self._conn.execute("COMMIT")
+        except Exception as error:  # the commit itself failed: nobody's write is durable
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            results = [(job, False, error) for job in batch]
+        for job, ok, value in results:
+            # RuntimeError: that caller's loop has closed; the write stands regardless.
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -1,0 +1,229 @@
+"""Helpers for testing mailfence, and for users testing their own setups.
+
+- `Sink`: a real SMTP server (aiosmtpd) that records what it receives and can be told to
+  answer with failures, to stand in for an upstream.
+- `RunningRelay`: the real relay started on free loopback ports in a background thread.
+- `relay_config`: settings for a throwaway relay in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvloop
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope, Session
+
+from mailfence.auth import make_hasher
+from mailfence.config import AuthConfig, Config, Listener, RelayConfig, SMTPConfig
+from mailfence.server import Server
+from mailfence.store import open_database
+from mailfence.store import users as user_table
+
+# Cheap argon2 settings: tests check behaviour, not the cost of hashing.
+FAST_AUTH = AuthConfig(argon2_time_cost=1, argon2_memory_kib=1024, argon2_parallelism=1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """Accepts the relay's self-signed certificate (tests only)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class Sink:
+    """An upstream SMTP server on a free loopback port.
+
+    `reply` decides the answer to each DATA (default 250); `rcpt_reply` can refuse recipients.
+    """
+
+    port: int = field(default_factory=free_port)
+    reply: Callable[[Envelope], str] = lambda envelope: "250 2.0.0 Ok"
+    rcpt_reply: Callable[[str], str | None] = lambda address: None
+    messages: list[Received] = field(default_factory=list)
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        refusal = self.rcpt_reply(address)
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.attempts += 1
+        answer = self.reply(envelope)
+        if answer.startswith("250"):
+            with self._lock:
+                self.messages.append(
+                    Received(
+                        envelope.mail_from or "",
+                        list(envelope.rcpt_tos),
+                        envelope.original_content or b"",
+                    )
+                )
+        return answer
+
+    def start(self) -> Sink:
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.02)
+        with self._lock:
+            return list(self.messages)
+
+    def __enter__(self) -> Sink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def relay_config(state_dir: Path, upstream_port: int | None = None, **sections: Any) -> Config:
+    """A relay on free ports (STARTTLS and implicit TLS) with fast hashing and retries.
+
+    Keyword arguments replace fields of a section: `relay={"max_recipients": 2}`.
+    """
+    relay = RelayConfig(
+        upstream=f"smtp://127.0.0.1:{upstream_port}" if upstream_port else "",
+        retry_schedule=(0.5, 1.0),
+        delivery_workers=2,
+    )
+    config = Config(
+        source="<test>",
+        state_dir=state_dir,
+        listen=(
+            Listener("127.0.0.1:0", "127.0.0.1", 0, "starttls"),
+            Listener("127.0.0.1:0", "127.0.0.1", 0, "implicit"),
+        ),
+        auth=FAST_AUTH,
+        relay=relay,
+        smtp=SMTPConfig(hostname="relay.test", shutdown_timeout=5.0),
+    )
+    for name, changes in sections.items():
+        config = dataclasses.replace(
+            config, **{name: dataclasses.replace(getattr(config, name), **changes)}
+        )
+    return config
+
+
+def add_user(config: Config, name: str, password: str, senders: list[str] | None = None) -> None:
+    conn = open_database(config.state_dir)
+    try:
+        user_table.add(conn, name, make_hasher(config.auth).hash(password), senders or [])
+    finally:
+        conn.close()
+
+
+class RunningRelay:
+    """The real relay on a uvloop loop in a background thread.
+
+    `with RunningRelay(config) as relay:` starts it and waits until its listeners are bound;
+    `relay.starttls_port` and `relay.implicit_port` are where to connect.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.server = Server(config, install_signals=False)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            task = asyncio.create_task(self.server.serve())
+            while self.server.ready_event is None or not self.server.ready_event.is_set():
+                if task.done():
+                    break
+                await asyncio.sleep(0.01)
+            self._ready.set()
+            await task
+
+        try:
+            uvloop.run(main())
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+
+    @property
+    def starttls_port(self) -> int:
+        return self.server.ports[0]
+
+    @property
+    def implicit_port(self) -> int:
+        return self.server.ports[1]
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(fn)
+
+    def start(self) -> RunningRelay:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        def request_exit() -> None:
+            self.server.should_exit = True
+
+        if self.loop is not None and self._thread.is_alive():
+            self.call(request_exit)
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> RunningRelay:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
