@@ -67,10 +67,19 @@ class Sink:
     rcpt_reply: Callable[[str], str | None] = lambda address: None
     messages: list[Received] = field(default_factory=list)
     attempts: int = 0
+    connections: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        with self._lock:
+            self.connections += 1
+        return responses
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -118,6 +127,63 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class DNSServer:
+    """A tiny authoritative DNS server on a loopback UDP port, for MX delivery tests.
+
+    `records` maps (name, type) to record texts: {("example.org", "MX"): ["10 mx.example.org."],
+    ("mx.example.org", "A"): ["127.0.0.1"]}. Unknown names get NXDOMAIN; known names without
+    the asked type get an empty answer (NOERROR).
+    """
+
+    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+        self.records = {
+            (name.lower().rstrip("."), kind): texts for (name, kind), texts in records.items()
+        }
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dns", daemon=True)
+
+    def _answer(self, wire: bytes) -> bytes:
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
+
+        query = dns.message.from_wire(wire)
+        response = dns.message.make_response(query)
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        kind = dns.rdatatype.to_text(question.rdtype)
+        if not any(known == name for known, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif (name, kind) in self.records:
+            response.answer.append(
+                dns.rrset.from_text_list(question.name, 60, "IN", kind, self.records[(name, kind)])
+            )
+        return bytes(response.to_wire())
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            self.sock.sendto(self._answer(wire), peer)
+
+    def __enter__(self) -> DNSServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
 
 
 def relay_config(state_dir: Path, upstream_port: int | None = None, **sections: Any) -> Config:

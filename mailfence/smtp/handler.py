@@ -25,6 +25,9 @@ from mailfence.store.users import User
 log = logging.getLogger("mailfence.smtp")
 
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# Control characters (NUL above all) have no place in an address (RFC 5321 §4.1.2) and only
+# serve to confuse the next system that parses it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _decode_b64(text: str) -> bytes | None:
@@ -54,11 +57,11 @@ class RelayHandler:
         else:
             decoded = _decode_b64(args[1])
             if decoded is None:
-                return AuthResult(success=False, message=replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_BASE64)
             blob = decoded
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            return AuthResult(success=False, message=replies.AUTH_BAD_PLAIN)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_PLAIN)
         _authzid, login, password = parts
         return await self._authenticate(server, login, password)
 
@@ -70,7 +73,7 @@ class RelayHandler:
         else:
             decoded = _decode_b64(args[1])
             if decoded is None:
-                return AuthResult(success=False, message=replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=False, message=replies.AUTH_BAD_BASE64)
             login = decoded
         password = await self._challenge(server, server.AuthLoginPasswordChallenge)
         if password is None:
@@ -93,12 +96,12 @@ class RelayHandler:
             return AuthResult(success=True, auth_data=verdict.user, message=replies.AUTH_OK)
         server.phase = "ehlo"
         if verdict.outcome is Outcome.BUSY:
-            return AuthResult(success=False, message=replies.AUTH_TEMPORARY_FAILURE)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
         if verdict.outcome is Outcome.DISABLED:
-            return AuthResult(success=False, message=replies.AUTH_DISABLED)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_DISABLED)
         if self.config.auth.failure_reply == "permanent":
-            return AuthResult(success=False, message=replies.AUTH_INVALID)
-        return AuthResult(success=False, message=replies.AUTH_TEMPORARY_FAILURE)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
 
     # --- envelope ------------------------------------------------------------------------
 
@@ -128,6 +131,8 @@ class RelayHandler:
         user: User | None = session.auth_data
         if user is None:  # aiosmtpd's auth_required answers 530 before this hook
             return replies.AUTH_REQUIRED
+        if _CONTROL.search(address):
+            return replies.BAD_SENDER
         if not user.may_send_as(address):
             log.info("sender refused user=%r from=%r", user.name, address)
             return replies.SENDER_NOT_ALLOWED
@@ -146,7 +151,7 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= self.config.relay.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 tells the client to send the rest in another message.
             return replies.TOO_MANY_RECIPIENTS
-        if "@" not in address:
+        if "@" not in address or _CONTROL.search(address):
             return replies.BAD_RECIPIENT
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)

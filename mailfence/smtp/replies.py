@@ -25,6 +25,7 @@ AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 
 # Envelope.
 SENDER_OK = "250 2.1.0 Ok"
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 SENDER_NOT_ALLOWED = "553 5.7.1 Sender address not allowed for this account"
 RECIPIENT_OK = "250 2.1.5 Ok"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
