@@ -92,7 +92,9 @@ def test_auth_login_mechanism(relay: RunningRelay, sink: Sink) -> None:
     assert len(sink.wait_for(1)) == 1
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="swaks is not installed (.ci/run installs it)"
+)
 def test_swaks_relays_over_starttls_and_implicit_tls(relay: RunningRelay, sink: Sink) -> None:
     common = [
         "swaks", "--server", "127.0.0.1", "--from", "billing@example.com",

@@ -30,12 +30,12 @@ ConfigOption = Annotated[
     ),
 ]
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    err.print(f"mailfence: {message}", markup=False)
+    # Plain text on one line: it is read by people and by scripts that grep for it.
+    typer.echo(f"mailfence: {message}", err=True)
     raise typer.Exit(code)
 
 

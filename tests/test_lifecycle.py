@@ -1,0 +1,136 @@
+"""The process: startup failures, SIGTERM draining, SIGHUP reload, a forced second SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mailfence.smtp import replies
+from mailfence.testing import Sink, client_tls_context
+
+from .conftest import ALICE, ALICE_PASSWORD, ServeProcess
+
+pytestmark = pytest.mark.slow
+
+
+def logged_in(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    client.starttls(context=client_tls_context())
+    client.login(ALICE, ALICE_PASSWORD)
+    return client
+
+
+@pytest.fixture
+def running(sink: Sink, serve_process: Callable[..., ServeProcess]) -> ServeProcess:
+    relay = serve_process(sink.port)
+    assert relay.cli("users", "add", ALICE, "--password-stdin",
+                     stdin=ALICE_PASSWORD + "\n").returncode == 0  # fmt: skip
+    return relay.start()
+
+
+def test_sigterm_during_data_lets_the_message_finish(running: ServeProcess, sink: Sink) -> None:
+    busy = logged_in(running.starttls_port)
+    idle = logged_in(running.starttls_port)
+    busy.mail(ALICE)
+    busy.rcpt("bob@example.org")
+    busy.send(b"DATA\r\n")
+    assert busy.getreply()[0] == 354
+    busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    running.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # The idle session is told why it is being closed.
+    assert idle.getreply() == (421, replies.SHUTTING_DOWN[4:].encode())
+    # New connections are no longer accepted.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", running.starttls_port), timeout=2).recv(1)
+        raise OSError("accepted")
+    busy.send(b"second half\r\n.\r\n")
+    code, text = busy.getreply()
+    busy.close()
+    idle.close()
+    assert code == 250 or 400 <= code < 500, text
+    assert running.wait(15) == 0
+    if code == 250:  # answered 250: it must be delivered (now or after the next start)
+        if not sink.wait_for(1, timeout=3):
+            running.start()
+            assert sink.wait_for(1, timeout=15)
+        assert b"second half" in sink.messages[0].content
+
+
+def test_sigterm_exits_cleanly_when_idle(running: ServeProcess) -> None:
+    running.signal(signal.SIGTERM)
+    assert running.wait(15) == 0
+    assert "mailfence stopped" in running.log.read_text()
+
+
+def test_second_sigint_forces_exit(running: ServeProcess) -> None:
+    busy = logged_in(running.starttls_port)
+    busy.mail(ALICE)
+    busy.rcpt("bob@example.org")
+    busy.send(b"DATA\r\n")
+    assert busy.getreply()[0] == 354  # a session in DATA would hold the drain for 5 s
+    running.signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    running.signal(signal.SIGINT)
+    assert running.wait(15) == 0
+    assert time.monotonic() - started < 3
+    busy.close()
+
+
+def test_sighup_reloads_users(running: ServeProcess) -> None:
+    added = running.cli("users", "add", "new@example.com", "--password-stdin", stdin="pw\n")
+    assert added.returncode == 0
+    running.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    client = smtplib.SMTP("127.0.0.1", running.starttls_port, timeout=10)
+    client.starttls(context=client_tls_context())
+    assert client.login("new@example.com", "pw")[0] == 235
+    client.quit()
+    assert "reloaded" in running.log.read_text()
+
+
+def test_port_in_use_is_a_startup_failure(serve_process: Callable[..., ServeProcess]) -> None:
+    relay = serve_process(1)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", relay.starttls_port))
+    blocker.listen()
+    try:
+        result = relay.cli("serve")
+    finally:
+        blocker.close()
+    assert result.returncode == 3
+    line = result.stderr.strip()
+    assert str(relay.config_path) in line
+    assert "listen[0].address" in line and "already in use" in line and "fix:" in line
+
+
+def test_config_error_exits_2_naming_file_key_and_fix(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    relay = serve_process(1, extra="max_recipent = 5")
+    result = relay.cli("serve")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.count("\n") == 0
+    assert str(relay.config_path) in line
+    assert "relay.max_recipent" in line and "relay.max_recipients" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_certificate_is_a_startup_failure(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    relay = serve_process(1)
+    text = relay.config_path.read_text().replace(
+        "[smtp]", '[tls]\ncert = "missing.pem"\nkey = "missing.key"\n[smtp]'
+    )
+    relay.config_path.write_text(text)
+    result = relay.cli("serve")
+    assert result.returncode == 3
+    assert "tls.cert" in result.stderr and "missing.pem" in result.stderr
