@@ -9,9 +9,9 @@ import time
 import pytest
 
 from mailfence.smtp import replies
-from mailfence.testing import RunningRelay, Sink, add_user, client_tls_context
 from mailfence.store import open_database
 from mailfence.store import users as user_table
+from mailfence.testing import RunningRelay, Sink, add_user, client_tls_context
 
 from .conftest import ALICE, ALICE_PASSWORD, StartRelay, starttls_client
 
