@@ -6,6 +6,7 @@ import asyncio
 import errno
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from mailfence.config import Config, Listener
 from mailfence.smtp import replies
@@ -28,8 +29,8 @@ class RefusalProtocol(asyncio.Protocol):
         self.reply = reply.encode("ascii") + b"\r\n"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.reply)
+        # uvloop's transports do not subclass asyncio.WriteTransport, hence the cast.
+        cast(asyncio.WriteTransport, transport).write(self.reply)
         transport.close()
 
 

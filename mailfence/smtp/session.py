@@ -14,7 +14,7 @@ import functools
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Session
 
@@ -122,8 +122,9 @@ class RelaySMTP(SMTP):
 
     def close_with(self, reply: str) -> None:
         """Writes one last reply and closes (timeouts, and idle sessions at shutdown)."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        # uvloop's transports do not subclass asyncio.WriteTransport, hence the cast.
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(reply.encode() + b"\r\n")
             transport.close()
 
