@@ -13,7 +13,6 @@ from mailfence.cli.serve import serve
 # A traceback must never print local variables: one of them could be a password.
 app = typer.Typer(
     name="mailfence",
-    help="An SMTP submission relay that sheds the bots, never the customers.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,

@@ -11,7 +11,9 @@ import typer
 
 from mailfence.cli.common import ConfigOption, load_config, out
 
-app = typer.Typer(help="Check the settings file.", no_args_is_help=True)
+app = typer.Typer(
+    help="Check the settings file.\n\nExample: mailfence config check", no_args_is_help=True
+)
 
 
 def _plain(value: Any) -> Any:

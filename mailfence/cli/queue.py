@@ -13,7 +13,9 @@ from rich.table import Table
 from mailfence import spool
 from mailfence.cli.common import ConfigOption, database, fail, out
 
-app = typer.Typer(help="Inspect and steer queued mail.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect and steer queued mail.\n\nExample: mailfence queue list", no_args_is_help=True
+)
 
 
 def _when(stamp: float) -> str:

@@ -13,7 +13,10 @@ from mailfence.cli.common import ConfigOption, database, fail, out, read_passwor
 from mailfence.store import users as user_table
 from mailfence.store.users import UserError
 
-app = typer.Typer(help="Manage the accounts that may log in.", no_args_is_help=True)
+app = typer.Typer(
+    help="Manage the accounts that may log in.\n\nExample: mailfence users list",
+    no_args_is_help=True,
+)
 
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from one line of stdin.")
@@ -35,8 +38,9 @@ def add(
 ) -> None:
     """Add an account. Without --sender it may send only as its own name (if an address).
 
-    Example: printf '%s\\n' "$PASSWORD" | mailfence users add alerts@example.com
-    --password-stdin --sender '*@example.com'
+    Scripts can pipe the password in with --password-stdin.
+
+    Example: mailfence users add alerts@example.com --sender '*@example.com'
     """
     with database(config) as (settings, conn):
         password = read_password(password_stdin)
