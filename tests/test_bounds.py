@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import select
 import smtplib
 import socket
@@ -147,13 +148,16 @@ def test_writer_queue_is_bounded_and_loses_nothing(tmp_path: Path) -> None:
     writer = Writer(conn, max_pending=2)
     gate = threading.Event()
 
+    def echo(n: int, c: sqlite3.Connection) -> int:
+        return n
+
     def blocked(c: sqlite3.Connection) -> None:
         gate.wait(10)
 
     async def main() -> list[int]:
         first = asyncio.ensure_future(writer.run(blocked))
         await asyncio.sleep(0.05)
-        jobs = [asyncio.ensure_future(writer.run(lambda c, n=n: n)) for n in range(10)]
+        jobs = [asyncio.ensure_future(writer.run(functools.partial(echo, n))) for n in range(10)]
         await asyncio.sleep(0.2)
         assert not any(job.done() for job in jobs)  # waiting for room, not dropped
         gate.set()

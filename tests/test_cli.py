@@ -68,17 +68,36 @@ def test_version() -> None:
 
 def test_users_lifecycle(cfg: Path) -> None:
     secret = "s3cret-never-printed"
-    added = run(cfg, "users", "add", "ops@example.com", "--password-stdin",
-                "--sender", "*@example.com", "--sender", "alerts@example.net", stdin=secret + "\n")  # fmt: skip
+    added = run(
+        cfg,
+        "users",
+        "add",
+        "ops@example.com",
+        "--password-stdin",
+        "--sender",
+        "*@example.com",
+        "--sender",
+        "alerts@example.net",
+        stdin=secret + "\n",
+    )
     assert added.returncode == 0, added.stderr
     listed = json.loads(run(cfg, "users", "list", "--json").stdout)
-    assert listed == [{"name": "ops@example.com", "disabled": False,
-                       "senders": ["*@example.com", "alerts@example.net"]}]  # fmt: skip
+    assert listed == [
+        {
+            "name": "ops@example.com",
+            "disabled": False,
+            "senders": ["*@example.com", "alerts@example.net"],
+        }
+    ]
     assert run(cfg, "users", "disable", "ops@example.com").returncode == 0
     assert json.loads(run(cfg, "users", "list", "--json").stdout)[0]["disabled"] is True
     assert run(cfg, "users", "enable", "ops@example.com").returncode == 0
-    assert run(cfg, "users", "passwd", "ops@example.com", "--password-stdin",
-               stdin="another\n").returncode == 0  # fmt: skip
+    assert (
+        run(
+            cfg, "users", "passwd", "ops@example.com", "--password-stdin", stdin="another\n"
+        ).returncode
+        == 0
+    )
     table = run(cfg, "users", "list").stdout
     assert "ops@example.com" in table and "active" in table
     # The password is stored only as an argon2id hash.
@@ -124,8 +143,16 @@ def test_queue_commands(cfg: Path) -> None:
     db = cfg.parent / "state" / "mailfence.sqlite3"
     conn = sqlite3.connect(db, isolation_level=None)
     later = time.time() + 3600
-    spool.insert(conn, "MSG1", "a@example.com", ["b@example.org", "c@example.org"],
-                 b"Subject: queued\r\n\r\nbody\r\n", "a@example.com", False, time.time())  # fmt: skip
+    spool.insert(
+        conn,
+        "MSG1",
+        "a@example.com",
+        ["b@example.org", "c@example.org"],
+        b"Subject: queued\r\n\r\nbody\r\n",
+        "a@example.com",
+        False,
+        time.time(),
+    )
     conn.execute("UPDATE spool SET next_attempt = ?", (later,))
     conn.close()
 

@@ -122,8 +122,13 @@ def test_expired_message_bounces(start_relay: StartRelay, sink: Sink) -> None:
         return "250 2.0.0 Ok" if envelope.mail_from == "<>" else "451 4.4.1 still down"
 
     sink.reply = answer
-    relay = start_relay(relay={"max_queue_age": 1.5, "retry_schedule": (0.5,),
-                               "upstream": f"smtp://127.0.0.1:{sink.port}"})  # fmt: skip
+    relay = start_relay(
+        relay={
+            "max_queue_age": 1.5,
+            "retry_schedule": (0.5,),
+            "upstream": f"smtp://127.0.0.1:{sink.port}",
+        }
+    )
     send(relay, ["bob@example.org"])
     [bounce] = sink.wait_for(1, timeout=15)
     assert bounce.mail_from == "<>"
@@ -162,8 +167,15 @@ def test_mx_delivery_with_dns_and_implicit_mx(tmp_path: Path, sink: Sink) -> Non
 
         add_user(config, ALICE, ALICE_PASSWORD, ["*@example.com"])
         with RunningRelay(config) as relay:
-            send(relay, ["bob@example.org", "carol@nomx.example", "x@does-not-exist.example",
-                         "y@nullmx.example"])  # fmt: skip
+            send(
+                relay,
+                [
+                    "bob@example.org",
+                    "carol@nomx.example",
+                    "x@does-not-exist.example",
+                    "y@nullmx.example",
+                ],
+            )
             messages = sink.wait_for(3)
             assert wait_until(lambda: queued(relay) == [])
     delivered = sorted(r for m in messages if m.mail_from != "<>" for r in m.rcpt_tos)

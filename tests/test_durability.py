@@ -61,7 +61,8 @@ def test_sigkill_after_250_loses_nothing(serve_process: Callable[..., ServeProce
     with Sink(port=upstream_port) as sink:
         relay.start()
         received = sink.wait_for(60, timeout=30)
-    delivered = {m.group(1).decode() for r in received
-                 for m in [re.search(rb" id (\S+)", r.content)] if m}  # fmt: skip
+    delivered = {
+        m.group(1).decode() for r in received for m in [re.search(rb" id (\S+)", r.content)] if m
+    }
     missing = set(answered) - delivered
     assert not missing, f"{len(missing)} answered messages were lost"

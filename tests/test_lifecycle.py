@@ -28,8 +28,10 @@ def logged_in(port: int) -> smtplib.SMTP:
 @pytest.fixture
 def running(sink: Sink, serve_process: Callable[..., ServeProcess]) -> ServeProcess:
     relay = serve_process(sink.port)
-    assert relay.cli("users", "add", ALICE, "--password-stdin",
-                     stdin=ALICE_PASSWORD + "\n").returncode == 0  # fmt: skip
+    assert (
+        relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n").returncode
+        == 0
+    )
     return relay.start()
 
 

@@ -102,8 +102,9 @@ def test_smuggling_sequences_never_split_a_message(
 
 
 def test_bare_newline_reject_mode(start_relay: StartRelay, sink: Sink) -> None:
-    relay = start_relay(smtp={"bare_newline": "reject", "hostname": "relay.test",
-                              "shutdown_timeout": 5.0})  # fmt: skip
+    relay = start_relay(
+        smtp={"bare_newline": "reject", "hostname": "relay.test", "shutdown_timeout": 5.0}
+    )
     with starttls_client(relay) as client:
         client.mail("alice@example.com")
         client.rcpt("bob@example.org")

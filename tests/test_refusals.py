@@ -30,8 +30,10 @@ def plain(user: str, password: str) -> str:
 def test_auth_before_tls_is_refused_with_538(relay: RunningRelay) -> None:
     with smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10) as client:
         client.ehlo()
-        expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, ALICE_PASSWORD)),
-               replies.AUTH_ENCRYPTION_REQUIRED)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain(ALICE, ALICE_PASSWORD)),
+            replies.AUTH_ENCRYPTION_REQUIRED,
+        )
 
 
 def test_plaintext_networks_may_auth_without_tls(start_relay: StartRelay, sink: Sink) -> None:
@@ -50,8 +52,9 @@ def test_plaintext_networks_may_auth_without_tls(start_relay: StartRelay, sink: 
 def test_wrong_password_is_temporary_by_default(relay: RunningRelay) -> None:
     with starttls_client(relay, login=False) as client:
         client.ehlo()
-        expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, "wrong")),
-               replies.AUTH_TEMPORARY_FAILURE)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain(ALICE, "wrong")), replies.AUTH_TEMPORARY_FAILURE
+        )
         # The session goes on: the right password still works afterwards.
         expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, ALICE_PASSWORD)), replies.AUTH_OK)
 
@@ -61,15 +64,18 @@ def test_wrong_password_is_permanent_when_configured(start_relay: StartRelay) ->
     with starttls_client(relay, login=False) as client:
         client.ehlo()
         expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, "wrong")), replies.AUTH_INVALID)
-        expect(client.docmd("AUTH", "PLAIN " + plain("nobody@example.com", "x")),
-               replies.AUTH_INVALID)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain("nobody@example.com", "x")), replies.AUTH_INVALID
+        )
 
 
 def test_unknown_user_gets_the_same_reply_as_a_wrong_password(relay: RunningRelay) -> None:
     with starttls_client(relay, login=False) as client:
         client.ehlo()
-        expect(client.docmd("AUTH", "PLAIN " + plain("nobody@example.com", "x")),
-               replies.AUTH_TEMPORARY_FAILURE)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain("nobody@example.com", "x")),
+            replies.AUTH_TEMPORARY_FAILURE,
+        )
 
 
 def test_disabled_user_cannot_log_in(relay: RunningRelay) -> None:
@@ -80,10 +86,14 @@ def test_disabled_user_cannot_log_in(relay: RunningRelay) -> None:
     time.sleep(1.5)  # the running relay notices changes to users within a second
     with starttls_client(relay, login=False) as client:
         client.ehlo()
-        expect(client.docmd("AUTH", "PLAIN " + plain("bob@example.com", "bobs password")),
-               replies.AUTH_DISABLED)  # fmt: skip
-        expect(client.docmd("AUTH", "PLAIN " + plain("bob@example.com", "wrong")),
-               replies.AUTH_TEMPORARY_FAILURE)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain("bob@example.com", "bobs password")),
+            replies.AUTH_DISABLED,
+        )
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain("bob@example.com", "wrong")),
+            replies.AUTH_TEMPORARY_FAILURE,
+        )
 
 
 def test_password_change_invalidates_a_cached_login(relay: RunningRelay) -> None:
@@ -97,8 +107,10 @@ def test_password_change_invalidates_a_cached_login(relay: RunningRelay) -> None
     time.sleep(1.5)
     with starttls_client(relay, login=False) as client:
         client.ehlo()
-        expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, ALICE_PASSWORD)),
-               replies.AUTH_TEMPORARY_FAILURE)  # fmt: skip
+        expect(
+            client.docmd("AUTH", "PLAIN " + plain(ALICE, ALICE_PASSWORD)),
+            replies.AUTH_TEMPORARY_FAILURE,
+        )
         expect(client.docmd("AUTH", "PLAIN " + plain(ALICE, "new password")), replies.AUTH_OK)
 
 

@@ -97,12 +97,26 @@ def test_auth_login_mechanism(relay: RunningRelay, sink: Sink) -> None:
 )
 def test_swaks_relays_over_starttls_and_implicit_tls(relay: RunningRelay, sink: Sink) -> None:
     common = [
-        "swaks", "--server", "127.0.0.1", "--from", "billing@example.com",
-        "--to", "bob@example.org", "--auth", "PLAIN", "--auth-user", ALICE,
-        "--auth-password", ALICE_PASSWORD, "--header", "Subject: via swaks",
-    ]  # fmt: skip
-    for extra in (["--port", str(relay.starttls_port), "--tls"],
-                  ["--port", str(relay.implicit_port), "--tlsc"]):  # fmt: skip
+        "swaks",
+        "--server",
+        "127.0.0.1",
+        "--from",
+        "billing@example.com",
+        "--to",
+        "bob@example.org",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        ALICE,
+        "--auth-password",
+        ALICE_PASSWORD,
+        "--header",
+        "Subject: via swaks",
+    ]
+    for extra in (
+        ["--port", str(relay.starttls_port), "--tls"],
+        ["--port", str(relay.implicit_port), "--tlsc"],
+    ):
         result = subprocess.run(
             common + extra, capture_output=True, text=True, timeout=30, check=False
         )
