@@ -182,3 +182,30 @@ def test_other_commands_do_not_leak_or_crash(relay: RunningRelay, command: str) 
         code, _ = client.getreply()
         assert code in (252, 500, 502)
         assert client.noop()[0] == 250
+
+
+def test_passwords_never_reach_the_logs(
+    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    secret = "Zebra-Umbrella-42"
+    encoded = [
+        base64.b64encode(secret.encode()).decode(),
+        plain(ALICE, secret),
+        plain(ALICE, ALICE_PASSWORD),
+    ]
+    with caplog.at_level(logging.DEBUG):
+        with starttls_client(relay, login=False) as client:
+            client.ehlo()
+            client.docmd("AUTH", "PLAIN " + plain(ALICE, secret))
+            client.user, client.password = ALICE, secret
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+            client.user, client.password = ALICE, ALICE_PASSWORD
+            client.auth("PLAIN", client.auth_plain)
+        time.sleep(0.2)
+    text = caplog.text
+    assert "auth ok" in text and "auth bad_credentials" in text  # the log did see the logins
+    for leaked in [secret, ALICE_PASSWORD, *encoded]:
+        assert leaked not in text
