@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -14,6 +15,8 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 
 from mailfence.config import parse_address
+
+log = logging.getLogger("mailfence.delivery")
 
 TLSPolicy = Literal["opportunistic", "required", "implicit"]
 
@@ -78,7 +81,14 @@ class MXResolver:
 
     def __init__(self, nameservers: tuple[str, ...], port: int, timeout: float = 10.0) -> None:
         self.port = port
-        self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        try:
+            self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        except dns.resolver.NoResolverConfiguration:
+            # No /etc/resolv.conf: lookups fail (and mail waits in the queue) until one
+            # appears or relay.dns_servers is set; the relay itself still starts.
+            log.warning("no system DNS configuration; set relay.dns_servers for MX delivery")
+            self.resolver = dns.asyncresolver.Resolver(configure=False)
+            self.resolver.nameservers = ["127.0.0.1"]
         if nameservers:
             servers = []
             for entry in nameservers:

@@ -293,7 +293,7 @@ class Delivery:
     ) -> dict[str, Recipient]:
         smtp = connection.smtp
         options = []
-        if any(b > 127 for b in message.content) and smtp.supports_extension("8bitmime"):
+        if not message.content.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if not (message.mail_from + "".join(rcpts)).isascii():
             if not smtp.supports_extension("smtputf8"):
