@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class SMTPConfig:
-    hostname: str = "localhost"
+    # The name in the greeting, in Received lines and in EHLO to upstreams; like Postfix's
+    # myhostname it defaults to this machine's name. Set it to the name in your DNS.
+    hostname: str = field(default_factory=socket.gethostname)
     max_connections: int = 1000
     command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: a server waits 5 minutes per command
     data_timeout: float = 600.0
@@ -300,7 +303,7 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     d = SMTPConfig()
     sec = _Section(source, "smtp", top.table_of("smtp"))
     smtp = SMTPConfig(
-        hostname=sec.text("hostname", d.hostname),
+        hostname=sec.text("hostname", "") or d.hostname,
         max_connections=sec.integer("max_connections", d.max_connections, 1),
         command_timeout=sec.duration("command_timeout", d.command_timeout),
         data_timeout=sec.duration("data_timeout", d.data_timeout),

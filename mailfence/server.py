@@ -129,13 +129,18 @@ class Server:
             self.spool.size,
         )
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _certificate_paths(self) -> tuple[Path, Path]:
+        """The configured certificate, or the self-signed one (made on first use)."""
         config = self.config
         if config.tls.cert:
             cert = config_module.resolve_path(config, config.tls.cert)
             key = config_module.resolve_path(config, config.tls.key)
-        else:
-            cert, key = ensure_self_signed(config.state_dir / "tls", config.smtp.hostname)
+            return cert, key
+        return ensure_self_signed(config.state_dir / "tls", config.smtp.hostname)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        config = self.config
+        cert, key = self._certificate_paths()
         try:
             return server_context(cert, key)
         except TLSSetupError as error:
@@ -199,11 +204,7 @@ class Server:
             self.listeners.config = new
             self.delivery.config = new
         try:
-            if self.config.tls.cert:
-                cert = config_module.resolve_path(self.config, self.config.tls.cert)
-                key = config_module.resolve_path(self.config, self.config.tls.key)
-            else:
-                cert, key = ensure_self_signed(self.config.state_dir / "tls", "localhost")
+            cert, key = self._certificate_paths()
             # Loading into the live context changes the certificate for new handshakes.
             self.tls.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as error:

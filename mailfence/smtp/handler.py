@@ -215,7 +215,7 @@ class RelayHandler:
     ) -> bytes:
         # RFC 5321 §4.4 trace field; "with" values from RFC 3848.
         protocol = "ESMTPSA" if server.encrypted else "ESMTPA"
-        helo = session.host_name or "unknown"
+        helo = _CONTROL.sub("", session.host_name or "") or "unknown"
         recipient = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
         date = email.utils.formatdate(localtime=False)
         text = (
