@@ -287,7 +287,11 @@ def _upstream_ok(url: str) -> bool:
 
 
 def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config:
-    """Builds a Config from parsed TOML. Relative paths are taken from the file's folder."""
+    """Builds a Config from parsed TOML.
+
+    A relative `state_dir` is taken from the file's folder; other relative paths (certificate,
+    key, password and CA files) from the state directory, see `resolve_path`.
+    """
     top = _Section(source, "", data)
     state_dir = Path(top.text("state_dir", "./mailfence-data"))
     if not state_dir.is_absolute():

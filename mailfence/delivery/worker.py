@@ -88,6 +88,9 @@ class Delivery:
             parse_upstream(relay.upstream, relay.upstream_tls_verify) if relay.upstream else None
         )
         self.resolver = MXResolver(relay.dns_servers, relay.mx_port)
+        self.ca_file = (
+            str(resolve_path(config, relay.upstream_ca_file)) if relay.upstream_ca_file else None
+        )
         self.upstream_password: str | None = None
         if relay.upstream_password_file:
             path = resolve_path(config, relay.upstream_password_file)
@@ -270,7 +273,7 @@ class Delivery:
             if hop.tls == "required"
             else (None if hop.tls == "opportunistic" else False),
             validate_certs=hop.verify,
-            cert_bundle=relay.upstream_ca_file or None,
+            cert_bundle=self.ca_file,
         )
         await smtp.connect(timeout=relay.connect_timeout)
         if self.upstream is not None and relay.upstream_username:
