@@ -21,6 +21,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 TLSMode = Literal["starttls", "implicit", "none"]
 FailureReply = Literal["temporary", "permanent"]
 BareNewline = Literal["normalize", "reject"]
+DefenseMode = Literal["enforce", "monitor"]
 
 DEFAULT_CONFIG_NAME = "mailfence.toml"
 
@@ -92,6 +93,39 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class DefenseConfig:
+    mode: DefenseMode = "enforce"
+    allowlist: tuple[IPNetwork, ...] = ()
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+    max_connections_per_ip: int = 20
+    max_connections_per_prefix: int = 50
+    connection_rate_per_ip: int = 60
+    connection_rate_per_prefix: int = 300
+    connection_rate_window: float = 60.0
+    known_good_reserved: float = 0.2
+    known_good_window: float = 30 * 86400.0
+    auth_attempts_per_session: int = 3
+    failure_window: float = 600.0
+    ban_after_failures: int = 10
+    prefix_ban_after_bans: int = 3
+    ban_time: float = 900.0
+    ban_escalation: float = 4.0
+    ban_max_time: float = 7 * 86400.0
+    honeypot_users: tuple[str, ...] = ("admin", "administrator", "root", "test", "guest", "user")
+    username_attack_sources: int = 5
+    negative_cache_ttl: float = 600.0
+    attack_failures_per_minute: int = 120
+    attack_failing_sources: int = 50
+    attack_exit_after: float = 300.0
+    attack_auth_attempts_per_session: int = 1
+    attack_max_connections_per_ip: int = 3
+    attack_session_timeout: float = 30.0
+    unknown_lane_queue: int = 32
+    known_good_lane_queue: int = 256
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     max_messages: int = 100000
 
@@ -111,6 +145,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     @property
     def database_path(self) -> Path:
@@ -180,6 +215,18 @@ class _Section:
                 name, f"{value} is out of range", f"use a number from {minimum} to {maximum}"
             )
         return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self._get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(name, f"must be a number, got {value!r}", f"write {name} = 0.5")
+        if not minimum <= value <= maximum:
+            raise self.fail(
+                name, f"{value} is out of range", f"use a number from {minimum} to {maximum}"
+            )
+        return float(value)
 
     def flag(self, name: str, default: bool) -> bool:
         value = self._get(name)
@@ -375,8 +422,61 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     sec = _Section(source, "spool", top.table_of("spool"))
     spool = SpoolConfig(max_messages=sec.integer("max_messages", SpoolConfig.max_messages, 1))
     sec.done()
+    defense = _defense(_Section(source, "defense", top.table_of("defense")))
     top.done()
-    return Config(source, state_dir, listen, tls, smtp, auth, relay, spool)
+    return Config(source, state_dir, listen, tls, smtp, auth, relay, spool, defense)
+
+
+def _defense(sec: _Section) -> DefenseConfig:
+    d = DefenseConfig()
+    honeypots = sec.strings("honeypot_users") if "honeypot_users" in sec.table else None
+    result = DefenseConfig(
+        mode=cast(DefenseMode, sec.text("mode", d.mode, ("enforce", "monitor"))),
+        allowlist=_networks(sec, "allowlist"),
+        ipv4_prefix=sec.integer("ipv4_prefix", d.ipv4_prefix, 8, 32),
+        ipv6_prefix=sec.integer("ipv6_prefix", d.ipv6_prefix, 16, 128),
+        max_connections_per_ip=sec.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_connections_per_prefix=sec.integer(
+            "max_connections_per_prefix", d.max_connections_per_prefix, 1
+        ),
+        connection_rate_per_ip=sec.integer("connection_rate_per_ip", d.connection_rate_per_ip, 1),
+        connection_rate_per_prefix=sec.integer(
+            "connection_rate_per_prefix", d.connection_rate_per_prefix, 1
+        ),
+        connection_rate_window=sec.duration("connection_rate_window", d.connection_rate_window),
+        known_good_reserved=sec.number("known_good_reserved", d.known_good_reserved, 0.0, 0.9),
+        known_good_window=sec.duration("known_good_window", d.known_good_window),
+        auth_attempts_per_session=sec.integer(
+            "auth_attempts_per_session", d.auth_attempts_per_session, 1
+        ),
+        failure_window=sec.duration("failure_window", d.failure_window),
+        ban_after_failures=sec.integer("ban_after_failures", d.ban_after_failures, 1),
+        prefix_ban_after_bans=sec.integer("prefix_ban_after_bans", d.prefix_ban_after_bans, 0),
+        ban_time=sec.duration("ban_time", d.ban_time),
+        ban_escalation=sec.number("ban_escalation", d.ban_escalation, 1.0, 100.0),
+        ban_max_time=sec.duration("ban_max_time", d.ban_max_time),
+        honeypot_users=d.honeypot_users if honeypots is None else honeypots,
+        username_attack_sources=sec.integer(
+            "username_attack_sources", d.username_attack_sources, 1
+        ),
+        negative_cache_ttl=sec.duration("negative_cache_ttl", d.negative_cache_ttl, 0.0),
+        attack_failures_per_minute=sec.integer(
+            "attack_failures_per_minute", d.attack_failures_per_minute, 1
+        ),
+        attack_failing_sources=sec.integer("attack_failing_sources", d.attack_failing_sources, 1),
+        attack_exit_after=sec.duration("attack_exit_after", d.attack_exit_after),
+        attack_auth_attempts_per_session=sec.integer(
+            "attack_auth_attempts_per_session", d.attack_auth_attempts_per_session, 1
+        ),
+        attack_max_connections_per_ip=sec.integer(
+            "attack_max_connections_per_ip", d.attack_max_connections_per_ip, 1
+        ),
+        attack_session_timeout=sec.duration("attack_session_timeout", d.attack_session_timeout),
+        unknown_lane_queue=sec.integer("unknown_lane_queue", d.unknown_lane_queue, 0),
+        known_good_lane_queue=sec.integer("known_good_lane_queue", d.known_good_lane_queue, 0),
+    )
+    sec.done()
+    return result
 
 
 def load(path: Path | None) -> Config:

@@ -1,0 +1,397 @@
+"""The decision core: events and a clock in, verdicts out.
+
+Nothing here reads a clock, a socket or a database. The server feeds it what happens
+(a connection, an AUTH attempt and its outcome, a tick) with the time, and acts on what it
+answers. Tests replay attacks minute by minute with a fake clock.
+
+Shed the bots, never the customers: every refusal here is cheap (no hashing) and temporary
+(4xx), and a (user, source prefix) pair that has logged in before is never slowed by what
+strangers do.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+from mailfence.config import DefenseConfig
+from mailfence.defense.bans import Ban, BanBook, escalated_duration
+from mailfence.defense.net import IPAddress, IPNetwork, host_network, prefix_network
+from mailfence.defense.windows import DistinctWindow, EventWindow
+
+log = logging.getLogger("mailfence.defense")
+
+ATTACK_RATE_WINDOW = 60.0
+ATTACK_SOURCES_WINDOW = 300.0
+LEVEL_MEMORY = 7 * 86400.0  # a repeat offender within a week gets a longer ban
+MAX_REMEMBERED_LEVELS = 100_000
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    BANNED = "banned"  # automatic (temporary) ban: 421
+    BANNED_PERMANENT = "banned_permanent"  # manual permanent ban: 554
+    LIMIT = "limit"  # over a connection limit: 421
+
+
+class AuthAction(enum.Enum):
+    PROCEED = "proceed"
+    REFUSE = "refuse"  # 454 4.7.0, no hashing
+    DISCONNECT = "disconnect"  # 421 4.7.0 and close: this session has used its attempts
+
+
+Lane = str  # "known" | "unknown"
+
+
+@dataclass(frozen=True)
+class ConnectVerdict:
+    action: Action
+    reason: str = ""
+    ban: Ban | None = None
+    known_good: bool = False
+
+
+@dataclass(frozen=True)
+class AuthGate:
+    action: AuthAction
+    lane: Lane = "unknown"
+    reason: str = ""
+
+
+@dataclass
+class DefenseCounters:
+    connections_allowed: int = 0
+    connections_refused: Counter[str] = field(default_factory=Counter)
+    auth_refused: Counter[str] = field(default_factory=Counter)
+    auth_failures_counted: int = 0
+    auth_failures_repeated: int = 0
+    bans_made: int = 0
+    would_have: Counter[str] = field(default_factory=Counter)  # monitor mode
+
+
+class Defense:
+    def __init__(self, config: DefenseConfig) -> None:
+        self.config = config
+        self.bans = BanBook()
+        self.allowlist: list[IPNetwork] = list(config.allowlist)
+        # (user, prefix) -> time of the last successful login from that prefix.
+        self.known_good: dict[tuple[str, IPNetwork], float] = {}
+        self._known_prefixes: Counter[IPNetwork] = Counter()
+        self.live_sources: Counter[IPNetwork] = Counter()
+        self.live_prefixes: Counter[IPNetwork] = Counter()
+        window = config.failure_window
+        self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
+        self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
+        self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
+        self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
+        self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
+        self._first_seen: OrderedDict[IPNetwork, float] = OrderedDict()
+        self._global_failures: EventWindow[str] = EventWindow(ATTACK_RATE_WINDOW, cap=1_000_000)
+        self._global_sources: DistinctWindow[str] = DistinctWindow(
+            ATTACK_SOURCES_WINDOW, cap=1_000_000
+        )
+        self._levels: OrderedDict[IPNetwork, tuple[int, float]] = OrderedDict()
+        self.under_attack = False
+        self._calm_since: float | None = None
+        self.counters = DefenseCounters()
+
+    @property
+    def monitor(self) -> bool:
+        return self.config.mode == "monitor"
+
+    # --- addresses ---------------------------------------------------------------------
+
+    def source_of(self, address: IPAddress) -> IPNetwork:
+        return host_network(address, self.config.ipv6_prefix)
+
+    def prefix_of(self, address: IPAddress) -> IPNetwork:
+        return prefix_network(address, self.config.ipv4_prefix, self.config.ipv6_prefix)
+
+    def allowed(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.allowlist)
+
+    def is_known_good_source(self, address: IPAddress) -> bool:
+        return self._known_prefixes[self.prefix_of(address)] > 0
+
+    def lane(self, username: str, address: IPAddress, now: float) -> Lane:
+        last = self.known_good.get((username, self.prefix_of(address)))
+        fresh = last is not None and now - last <= self.config.known_good_window
+        return "known" if fresh else "unknown"
+
+    # --- connections -------------------------------------------------------------------
+
+    def on_connect(
+        self, address: IPAddress, now: float, live_total: int, max_total: int
+    ) -> ConnectVerdict:
+        """Decides at accept time, before TLS or any session exists."""
+        verdict = self._connect_verdict(address, now, live_total, max_total)
+        if verdict.action is not Action.ALLOW:
+            self.counters.connections_refused[verdict.action.value] += 1
+            if self.monitor:
+                self.counters.would_have[f"refuse connection: {verdict.reason}"] += 1
+                log.info("monitor: would refuse %s: %s", address, verdict.reason)
+                verdict = ConnectVerdict(Action.ALLOW, verdict.reason, None, verdict.known_good)
+        if verdict.action is Action.ALLOW:
+            self.counters.connections_allowed += 1
+            self.live_sources[self.source_of(address)] += 1
+            self.live_prefixes[self.prefix_of(address)] += 1
+        return verdict
+
+    def _connect_verdict(
+        self, address: IPAddress, now: float, live_total: int, max_total: int
+    ) -> ConnectVerdict:
+        if self.allowed(address):
+            return ConnectVerdict(Action.ALLOW, "allowlisted", known_good=True)
+        ban = self.bans.find(address, now)
+        if ban is not None:
+            action = Action.BANNED_PERMANENT if ban.permanent else Action.BANNED
+            return ConnectVerdict(action, f"banned: {ban.reason}", ban)
+        known = self.is_known_good_source(address)
+        source, prefix = self.source_of(address), self.prefix_of(address)
+        config = self.config
+        if not known:
+            # A share of the slots is kept for sources customers have logged in from.
+            if live_total >= max_total * (1.0 - config.known_good_reserved):
+                return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
+            per_source = (
+                config.attack_max_connections_per_ip
+                if self.under_attack
+                else config.max_connections_per_ip
+            )
+            if self.live_sources[source] >= per_source:
+                return ConnectVerdict(Action.LIMIT, "too many connections from this address")
+        if self.live_prefixes[prefix] >= config.max_connections_per_prefix and not known:
+            return ConnectVerdict(Action.LIMIT, "too many connections from this network")
+        if self._rate_source.add(source, now) > config.connection_rate_per_ip and not known:
+            return ConnectVerdict(Action.LIMIT, "connecting too often from this address")
+        if self._rate_prefix.add(prefix, now) > config.connection_rate_per_prefix and not known:
+            return ConnectVerdict(Action.LIMIT, "connecting too often from this network")
+        return ConnectVerdict(Action.ALLOW, known_good=known)
+
+    def on_disconnect(self, address: IPAddress) -> None:
+        for counter, key in (
+            (self.live_sources, self.source_of(address)),
+            (self.live_prefixes, self.prefix_of(address)),
+        ):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    # --- authentication ----------------------------------------------------------------
+
+    def before_auth(
+        self,
+        address: IPAddress,
+        username: str,
+        now: float,
+        attempt: int,
+        user_exists: bool,
+    ) -> AuthGate:
+        """Cheap checks before any hashing. `attempt` counts this session's AUTH commands."""
+        lane = self.lane(username, address, now)
+        gate = self._auth_gate(address, username, now, attempt, user_exists, lane)
+        if gate.action is not AuthAction.PROCEED:
+            self.counters.auth_refused[gate.reason] += 1
+            if self.monitor:
+                self.counters.would_have[f"refuse auth: {gate.reason}"] += 1
+                log.info(
+                    "monitor: would refuse AUTH from %s for %r: %s", address, username, gate.reason
+                )
+                return AuthGate(AuthAction.PROCEED, lane, gate.reason)
+        return gate
+
+    def _auth_gate(
+        self,
+        address: IPAddress,
+        username: str,
+        now: float,
+        attempt: int,
+        user_exists: bool,
+        lane: Lane,
+    ) -> AuthGate:
+        config = self.config
+        if self.allowed(address):
+            return AuthGate(AuthAction.PROCEED, lane)
+        budget = (
+            config.attack_auth_attempts_per_session
+            if self.under_attack and lane == "unknown"
+            else config.auth_attempts_per_session
+        )
+        if attempt > budget:
+            return AuthGate(AuthAction.DISCONNECT, lane, "too many AUTH attempts in one session")
+        if self.bans.find(address, now) is not None:
+            return AuthGate(AuthAction.REFUSE, lane, "source banned")
+        if not user_exists and username.lower() in config.honeypot_users:
+            self._ban(
+                self.source_of(address), now, "honeypot user name tried", {"usernames": [username]}
+            )
+            return AuthGate(AuthAction.REFUSE, lane, "honeypot user name")
+        # Strangers are refused for a name under attack; a source with no failure yet still
+        # gets its one try, so a customer logging in for the first time gets through.
+        if (
+            lane == "unknown"
+            and self.username_under_attack(username, now)
+            and self._failures.count(self.source_of(address), now) > 0
+        ):
+            return AuthGate(AuthAction.REFUSE, lane, "user name under attack")
+        return AuthGate(AuthAction.PROCEED, lane)
+
+    def username_under_attack(self, username: str, now: float) -> bool:
+        count = self._failing_sources_by_user.count(username, now)
+        return count >= self.config.username_attack_sources
+
+    def on_auth_failure(
+        self,
+        address: IPAddress,
+        username: str,
+        fingerprint: Hashable,
+        now: float,
+        repeated: bool,
+    ) -> list[Ban]:
+        """Counts a wrong password. Returns the bans this failure caused."""
+        if self.allowed(address):
+            return []
+        if repeated:
+            # The same user with the same wrong password again (a client retrying a stale
+            # password): one mistake, not an attack.
+            self.counters.auth_failures_repeated += 1
+            return []
+        self.counters.auth_failures_counted += 1
+        source = self.source_of(address)
+        self._first_seen.setdefault(source, now)
+        if len(self._first_seen) > 100_000:
+            self._first_seen.popitem(last=False)
+        self._failures.add(source, (username, fingerprint), now)
+        if self.lane(username, address, now) == "unknown":
+            self._failing_sources_by_user.add(username, source, now)
+        self._global_failures.add("all", now)
+        self._global_sources.add("all", source, now)
+        failures = self._failures.count(source, now)
+        if failures < self.config.ban_after_failures or self.bans.find(address, now):
+            return []
+        names = sorted(
+            {
+                str(token[0])
+                for token in self._failures.tokens(source, now)
+                if isinstance(token, tuple)
+            }
+        )
+        evidence = {
+            "failures": failures,
+            "window_seconds": self.config.failure_window,
+            "usernames": names[:20],
+            "first_seen": self._first_seen.get(source, now),
+            "last_seen": now,
+        }
+        return self._ban(source, now, f"{failures} wrong passwords", evidence)
+
+    def on_auth_success(self, address: IPAddress, username: str, now: float) -> bool:
+        """Remembers a known-good pair. True when it is new (worth persisting now)."""
+        key = (username, self.prefix_of(address))
+        previous = self.known_good.get(key)
+        self.remember_known_good(username, key[1], now)
+        return previous is None or now - previous > 86400.0
+
+    def remember_known_good(self, username: str, prefix: IPNetwork, when: float) -> None:
+        key = (username, prefix)
+        if key not in self.known_good:
+            self._known_prefixes[prefix] += 1
+        self.known_good[key] = max(when, self.known_good.get(key, 0.0))
+
+    # --- bans ----------------------------------------------------------------------------
+
+    def _ban(
+        self, network: IPNetwork, now: float, reason: str, evidence: dict[str, object]
+    ) -> list[Ban]:
+        if self.monitor:
+            self.counters.would_have["ban"] += 1
+            log.info("monitor: would ban %s: %s", network, reason)
+            return []
+        level, last = self._levels.get(network, (0, 0.0))
+        level = level + 1 if now - last <= LEVEL_MEMORY else 1
+        self._levels[network] = (level, now)
+        self._levels.move_to_end(network)
+        if len(self._levels) > MAX_REMEMBERED_LEVELS:
+            self._levels.popitem(last=False)
+        config = self.config
+        duration = escalated_duration(
+            config.ban_time, config.ban_escalation, config.ban_max_time, level
+        )
+        ban = Ban(network, now + duration, reason, "auto", now, level, dict(evidence))
+        self.bans.put(ban)
+        self.counters.bans_made += 1
+        made = [ban]
+        # Several banned addresses in one neighbourhood: ban the neighbourhood.
+        if config.prefix_ban_after_bans and network.num_addresses == 1:
+            prefix = self.prefix_of(network.network_address)
+            self._banned_in_prefix.add(prefix, network, now)
+            banned_here = self._banned_in_prefix.count(prefix, now)
+            existing = self.bans.get(prefix)
+            if banned_here >= config.prefix_ban_after_bans and (
+                existing is None or not existing.active(now)
+            ):
+                members = [str(n) for n in self._banned_in_prefix.tokens(prefix, now)]
+                made += self._ban(
+                    prefix,
+                    now,
+                    f"{banned_here} addresses of this network banned",
+                    {"banned_addresses": members[:50]},
+                )
+        return made
+
+    def add_ban(self, ban: Ban) -> None:
+        """A ban from elsewhere (the database, an operator)."""
+        self.bans.put(ban)
+        if ban.source == "auto":
+            self._levels[ban.network] = (
+                max(ban.level, self._levels.get(ban.network, (0, 0.0))[0]),
+                ban.created,
+            )
+
+    def load_bans(self, bans: Iterable[Ban]) -> None:
+        bans = list(bans)
+        self.bans.replace_all(bans)
+        for ban in bans:
+            if ban.source == "auto":
+                level, _ = self._levels.get(ban.network, (0, 0.0))
+                self._levels[ban.network] = (max(level, ban.level), ban.created)
+
+    # --- time ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> str | None:
+        """Once a second: expiry and under-attack mode. Returns 'enter'/'leave' on a change."""
+        self.bans.expire(now)
+        config = self.config
+        rate = self._global_failures.count("all", now) * 60.0 / ATTACK_RATE_WINDOW
+        sources = self._global_sources.count("all", now)
+        hot = rate >= config.attack_failures_per_minute or sources >= config.attack_failing_sources
+        calm = (
+            rate < config.attack_failures_per_minute / 2
+            and sources < config.attack_failing_sources / 2
+        )
+        if not self.under_attack and hot:
+            self.under_attack = True
+            self._calm_since = None
+            log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
+            return "enter"
+        if self.under_attack:
+            if not calm:
+                self._calm_since = None
+            elif self._calm_since is None:
+                self._calm_since = now
+            elif now - self._calm_since >= config.attack_exit_after:
+                self.under_attack = False
+                self._calm_since = None
+                log.warning("attack over: %.0f failed logins/min from %d sources", rate, sources)
+                return "leave"
+        return None
+
+    def housekeeping(self, now: float) -> None:
+        """Every minute or so: forget windows that have emptied."""
+        for window in (self._rate_source, self._rate_prefix):
+            window.expire(now)
+        for distinct in (self._failures, self._failing_sources_by_user, self._banned_in_prefix):
+            distinct.expire(now)

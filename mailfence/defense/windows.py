@@ -1,0 +1,118 @@
+"""Sliding-window counters with a bound on how many keys they remember.
+
+Time is always passed in: the same code runs under the server's clock and a test's fake one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class EventWindow(Generic[K]):
+    """How many events per key in the last `window` seconds (each key keeps at most `cap`)."""
+
+    def __init__(self, window: float, max_keys: int = 100_000, cap: int = 10_000) -> None:
+        self.window = window
+        self.max_keys = max_keys
+        self.cap = cap
+        self._events: OrderedDict[K, deque[float]] = OrderedDict()
+
+    def _trim(self, events: deque[float], now: float) -> None:
+        horizon = now - self.window
+        while events and events[0] <= horizon:
+            events.popleft()
+
+    def add(self, key: K, now: float) -> int:
+        events = self._events.get(key)
+        if events is None:
+            if len(self._events) >= self.max_keys:
+                self._events.popitem(last=False)  # forget the least recently touched key
+            events = self._events[key] = deque(maxlen=self.cap)
+        else:
+            self._events.move_to_end(key)
+        self._trim(events, now)
+        events.append(now)
+        return len(events)
+
+    def count(self, key: K, now: float) -> int:
+        events = self._events.get(key)
+        if events is None:
+            return 0
+        self._trim(events, now)
+        return len(events)
+
+    def total(self, now: float) -> int:
+        return sum(self.count(key, now) for key in list(self._events))
+
+    def expire(self, now: float) -> None:
+        for key in list(self._events):
+            if not self.count(key, now):
+                del self._events[key]
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+class DistinctWindow(Generic[K]):
+    """How many distinct tokens per key were seen in the last `window` seconds.
+
+    Used for 'distinct wrong passwords' and 'distinct failing sources': repeating the same
+    thing does not make it count twice.
+    """
+
+    def __init__(self, window: float, max_keys: int = 100_000, cap: int = 1_000) -> None:
+        self.window = window
+        self.max_keys = max_keys
+        self.cap = cap
+        self._seen: OrderedDict[K, OrderedDict[Hashable, float]] = OrderedDict()
+
+    def add(self, key: K, token: Hashable, now: float) -> bool:
+        """Records `token` for `key`; True if it was not already counted in the window."""
+        tokens = self._seen.get(key)
+        if tokens is None:
+            if len(self._seen) >= self.max_keys:
+                self._seen.popitem(last=False)
+            tokens = self._seen[key] = OrderedDict()
+        else:
+            self._seen.move_to_end(key)
+        self._trim(tokens, now)
+        new = token not in tokens
+        tokens[token] = now
+        tokens.move_to_end(token)
+        if len(tokens) > self.cap:
+            tokens.popitem(last=False)
+        return new
+
+    def _trim(self, tokens: OrderedDict[Hashable, float], now: float) -> None:
+        horizon = now - self.window
+        while tokens:
+            oldest = next(iter(tokens))
+            if tokens[oldest] > horizon:
+                break
+            del tokens[oldest]
+
+    def count(self, key: K, now: float) -> int:
+        tokens = self._seen.get(key)
+        if tokens is None:
+            return 0
+        self._trim(tokens, now)
+        return len(tokens)
+
+    def tokens(self, key: K, now: float) -> list[Hashable]:
+        tokens = self._seen.get(key)
+        if tokens is None:
+            return []
+        self._trim(tokens, now)
+        return list(tokens)
+
+    def expire(self, now: float) -> None:
+        for key in list(self._seen):
+            if not self.count(key, now):
+                del self._seen[key]
+
+    def __len__(self) -> int:
+        return len(self._seen)
