@@ -90,6 +90,7 @@ class RelayConfig:
     command_timeout: float = 300.0
     mx_port: int = 25
     dns_servers: tuple[str, ...] = ()
+    mx_allow_private: bool = False
 
 
 @dataclass(frozen=True)
@@ -410,7 +411,15 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         command_timeout=sec.duration("command_timeout", r.command_timeout),
         mx_port=sec.integer("mx_port", r.mx_port, 1, 65535),
         dns_servers=sec.strings("dns_servers"),
+        mx_allow_private=sec.flag("mx_allow_private", r.mx_allow_private),
     )
+    if relay.upstream_username and relay.upstream.startswith("smtp://"):
+        raise sec.fail(
+            "upstream",
+            "smtp:// may fall back to plain text, which would send upstream_username's password"
+            " in the clear",
+            'use "smtp+starttls://" or "smtps://" with upstream credentials',
+        )
     if relay.upstream_username and not relay.upstream_password_file:
         raise sec.fail(
             "upstream_password_file",

@@ -170,13 +170,17 @@ class Server:
         next_housekeeping = 0.0
         while not self.should_exit:
             await asyncio.sleep(TICK)
-            if self.reload_requested:
-                self.reload_requested = False
-                await self.reload()
             now = time.monotonic()
-            if now >= next_housekeeping:
-                next_housekeeping = now + 1.0
-                await self.housekeeping(now)
+            try:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    await self.reload()
+                if now >= next_housekeeping:
+                    next_housekeeping = now + 1.0
+                    await self.housekeeping(now)
+            except Exception:
+                # A passing database error must not stop the relay; the next tick tries again.
+                log.exception("housekeeping failed; carrying on")
 
     async def housekeeping(self, now: float) -> None:
         # Changes made by `mailfence users ...` in another process: picked up within a second.

@@ -101,7 +101,16 @@ max_queue_age = "2d"
         ("[[listen]]\naddress = '127.0.0.1:25'\ntls = 'ssl'\n", "listen[0].tls", "implicit"),
         ("relay = 5\n", "relay", "section"),
         ("[relay\n", "(syntax)", "TOML"),
-        ("[relay]\nupstream_username = 'u'\n", "relay.upstream_password_file", "password"),
+        (
+            "[relay]\nupstream = 'smtps://h'\nupstream_username = 'u'\n",
+            "relay.upstream_password_file",
+            "password",
+        ),
+        (
+            "[relay]\nupstream = 'smtp://h'\nupstream_username = 'u'\n",
+            "relay.upstream",
+            "in the clear",
+        ),
     ],
 )
 def test_errors_name_file_key_and_fix(tmp_path: Path, text: str, key: str, words: str) -> None:

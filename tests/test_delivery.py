@@ -159,7 +159,11 @@ def test_mx_delivery_with_dns_and_implicit_mx(tmp_path: Path, sink: Sink) -> Non
         config = relay_config(
             tmp_path / "state",
             None,
-            relay={"mx_port": sink.port, "dns_servers": (f"127.0.0.1:{dns.port}",)},
+            relay={
+                "mx_port": sink.port,
+                "dns_servers": (f"127.0.0.1:{dns.port}",),
+                "mx_allow_private": True,  # the test's MX hosts are on loopback
+            },
         )
         from mailfence.testing import add_user
 
@@ -183,3 +187,37 @@ def test_mx_delivery_with_dns_and_implicit_mx(tmp_path: Path, sink: Sink) -> Non
     [bounce] = [m for m in messages if m.mail_from == "<>"]
     assert b"x@does-not-exist.example" in bounce.content
     assert b"y@nullmx.example" in bounce.content
+
+
+def test_mx_delivery_refuses_private_addresses_by_default(tmp_path: Path, sink: Sink) -> None:
+    records = {
+        ("example.org", "MX"): ["10 mx.example.org."],
+        ("mx.example.org", "A"): ["127.0.0.1"],
+        ("example.com", "A"): ["127.0.0.1"],
+    }
+    with DNSServer(records) as dns:
+        config = relay_config(
+            tmp_path / "state",
+            None,
+            relay={"mx_port": sink.port, "dns_servers": (f"127.0.0.1:{dns.port}",)},
+        )
+        from mailfence.testing import add_user
+
+        from .conftest import ALICE_PASSWORD
+
+        add_user(config, ALICE, ALICE_PASSWORD, ["*@example.com"])
+        with RunningRelay(config) as relay:
+            send(relay, ["bob@example.org", "x@[127.0.0.1]"])
+            # Neither the MX on loopback nor the literal is used; the bounce has nowhere to
+            # go either (example.com is on loopback too) and, being a bounce, is dropped.
+            assert wait_until(lambda: queued(relay) == [])
+            message_count = len(sink.messages)
+    assert message_count == 0
+
+
+def test_null_sender_is_relayed(relay: RunningRelay, sink: Sink) -> None:
+    with starttls_client(relay) as client:
+        client.sendmail("<>", ["bob@example.org"], BODY)
+    [received] = sink.wait_for(1)
+    assert received.mail_from == "<>"
+    assert received.rcpt_tos == ["bob@example.org"]

@@ -209,3 +209,15 @@ def test_passwords_never_reach_the_logs(
     assert "auth ok" in text and "auth bad_credentials" in text  # the log did see the logins
     for leaked in [secret, ALICE_PASSWORD, *encoded]:
         assert leaked not in text
+
+
+def test_disabling_an_account_ends_its_open_session(relay: RunningRelay) -> None:
+    with starttls_client(relay) as client:
+        expect(client.docmd("MAIL", "FROM:<alice@example.com>"), replies.SENDER_OK)
+        client.rset()
+        conn = open_database(relay.config.state_dir)
+        user_table.set_disabled(conn, ALICE, True)
+        conn.close()
+        time.sleep(1.5)
+        expect(client.docmd("MAIL", "FROM:<alice@example.com>"), replies.ACCOUNT_CHANGED)
+        expect(client.docmd("MAIL", "FROM:<alice@example.com>"), replies.AUTH_REQUIRED)

@@ -76,11 +76,35 @@ def _nameserver(entry: str) -> tuple[str, int]:
         return parse_address(entry)
 
 
-class MXResolver:
-    """RFC 5321 §5.1: MX records by preference; no MX means the domain's own A/AAAA."""
+def _routable(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return not (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip.is_reserved
+    )
 
-    def __init__(self, nameservers: tuple[str, ...], port: int, timeout: float = 10.0) -> None:
+
+class MXResolver:
+    """RFC 5321 §5.1: MX records by preference; no MX means the domain's own A/AAAA.
+
+    Addresses in loopback, private and link-local ranges are skipped unless
+    `allow_private`: otherwise anyone could make the relay deliver to hosts inside its own
+    network, which may trust mail that comes from it.
+    """
+
+    def __init__(
+        self,
+        nameservers: tuple[str, ...],
+        port: int,
+        timeout: float = 10.0,
+        allow_private: bool = False,
+    ) -> None:
         self.port = port
+        self.allow_private = allow_private
         try:
             self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
         except dns.resolver.NoResolverConfiguration:
@@ -112,7 +136,19 @@ class MXResolver:
     async def hops(self, domain: str) -> list[Hop]:
         literal = _literal(domain)
         if literal:
+            if not self.allow_private and not _routable(literal):
+                raise RouteError(f"{domain} is not a public address", True, 550)
             return [Hop(literal, literal, self.port, "opportunistic", False)]
+        try:
+            return await self._hops(domain)
+        except RouteError:
+            raise
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel) as error:
+            raise RouteError(f"{domain!r} is not a valid domain: {error}", True, 550) from None
+        except dns.exception.DNSException as error:
+            raise RouteError(f"DNS lookup for {domain} failed: {error}", False, 451) from None
+
+    async def _hops(self, domain: str) -> list[Hop]:
         try:
             answer = await self.resolver.resolve(domain, "MX")
             records = sorted(
@@ -130,13 +166,20 @@ class MXResolver:
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
             raise RouteError(f"DNS lookup for {domain} failed: {error}", False, 451) from None
         result: list[Hop] = []
+        private = False
         for host in hosts:
             try:
                 addresses = await self._addresses(host)
             except (dns.exception.Timeout, dns.resolver.NoNameservers):
                 continue
+            if not self.allow_private:
+                public = [a for a in addresses if _routable(a)]
+                private = private or len(public) < len(addresses)
+                addresses = public
             # Opportunistic TLS without verification, as MTAs do for MX delivery.
             result.extend(Hop(host, a, self.port, "opportunistic", False) for a in addresses)
+        if not result and private:
+            raise RouteError(f"the mail servers of {domain} are on private addresses", True, 550)
         if not result:
             raise RouteError(f"no address found for the mail servers of {domain}", False, 451)
         return result

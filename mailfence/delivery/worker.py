@@ -57,9 +57,10 @@ class _Connection:
 
 
 class TemporaryFailure(Exception):
-    def __init__(self, code: int, reply: str) -> None:
+    def __init__(self, code: int, reply: str, retry: bool = True) -> None:
         super().__init__(reply)
         self.code, self.reply = code, reply
+        self.retry = retry  # worth one immediate retry on a fresh connection
 
 
 @dataclass
@@ -71,9 +72,9 @@ class DeliveryCounters:
 
 
 def _outcome(address: str, code: int, message: str) -> Recipient:
+    """A refusal's meaning for one recipient (only refusals come here: a 2xx among them,
+    such as 252, was not followed by an accepted DATA, so it is tried again)."""
     reply = f"{code} {message}".strip()
-    if 200 <= code < 300:
-        return Recipient(address, "delivered", code, reply)
     if 500 <= code < 600:
         return Recipient(address, "failed", code, reply)
     return Recipient(address, "pending", code, reply)
@@ -87,7 +88,9 @@ class Delivery:
         self.upstream: Hop | None = (
             parse_upstream(relay.upstream, relay.upstream_tls_verify) if relay.upstream else None
         )
-        self.resolver = MXResolver(relay.dns_servers, relay.mx_port)
+        self.resolver = MXResolver(
+            relay.dns_servers, relay.mx_port, allow_private=relay.mx_allow_private
+        )
         self.ca_file = (
             str(resolve_path(config, relay.upstream_ca_file)) if relay.upstream_ca_file else None
         )
@@ -133,7 +136,10 @@ class Delivery:
                     connection.smtp.close()
                 else:
                     keep.append(connection)
-            self.idle[route] = keep
+            if keep:
+                self.idle[route] = keep
+            else:
+                del self.idle[route]
 
     # --- scheduling ----------------------------------------------------------------------
 
@@ -142,16 +148,32 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.spool.arrived.wait(), timeout=1.0)
             self.spool.arrived.clear()
-            while not self.stopping:
-                batch = await self.spool.due(set(self.in_flight), DUE_BATCH, DUE_MAX_BYTES)
-                for job in self._plan(batch):
-                    await self.jobs.put(job)
-                if len(batch) < DUE_BATCH:
-                    break
+            try:
+                while not self.stopping:
+                    batch = await self.spool.due(set(self.in_flight), DUE_BATCH, DUE_MAX_BYTES)
+                    for job in self._plan(batch):
+                        await self._put(job)
+                    if len(batch) < DUE_BATCH:
+                        break
+            except Exception:
+                # A database hiccup must not end delivery for good: log, wait, look again.
+                log.exception("delivery scheduler: cannot read the spool; retrying in 1 s")
+                await asyncio.sleep(1.0)
         # Wake the workers so they notice `stopping`.
         for _ in self._tasks:
             with contextlib.suppress(asyncio.QueueFull):
                 self.jobs.put_nowait(Job("", []))
+
+    async def _put(self, job: Job) -> None:
+        """Waits for room in the job queue, giving up (the job stays on disk) when stopping."""
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self.jobs.put(job), timeout=0.5)
+                return
+            except TimeoutError:
+                continue
+        for message, _ in job.items:
+            self._release(message.id)
 
     def _plan(self, messages: list[Message]) -> list[Job]:
         by_route: dict[str, list[tuple[Message, list[str]]]] = {}
@@ -182,10 +204,11 @@ class Delivery:
             try:
                 await self._run_job(job)
             except Exception:
+                # Only a bug gets here (_run_job guards each message); what was not recorded
+                # stays queued on disk and is tried again.
                 log.exception("delivery job for %s failed unexpectedly", job.route)
                 for message, _ in job.items:
-                    if message.id in self.trackers:
-                        await self._part_done(message, {}, "internal error")
+                    self._release(message.id)
 
     async def _run_job(self, job: Job) -> None:
         connection: _Connection | None = None
@@ -203,8 +226,8 @@ class Delivery:
                         connection = await self._connection(job.route)
                     try:
                         results = await self._send(connection, message, rcpts)
-                    except TemporaryFailure:
-                        if not connection.reused:
+                    except TemporaryFailure as failure:
+                        if not connection.reused or not failure.retry:
                             raise
                         # An idle connection the server timed out: once more, on a fresh one.
                         connection.smtp.close()
@@ -223,6 +246,13 @@ class Delivery:
                     state: RecipientState = "failed" if error.permanent else "pending"
                     reply = f"{error.code} {error}"
                     results = {r: Recipient(r, state, error.code, reply) for r in rcpts}
+                except Exception as error:
+                    log.exception("delivering %s to %s failed unexpectedly", message.id, job.route)
+                    if connection is not None:
+                        connection.smtp.close()
+                        connection = None
+                    reply = f"451 4.3.0 local error: {type(error).__name__}"
+                    results = {r: Recipient(r, "pending", 451, reply) for r in rcpts}
                 await self._part_done(message, results, "")
         finally:
             if connection is not None:
@@ -277,7 +307,11 @@ class Delivery:
         )
         await smtp.connect(timeout=relay.connect_timeout)
         if self.upstream is not None and relay.upstream_username:
-            await smtp.login(relay.upstream_username, self.upstream_password or "")
+            try:
+                await smtp.login(relay.upstream_username, self.upstream_password or "")
+            except BaseException:
+                smtp.close()
+                raise
         return smtp
 
     def _park(self, route: str, connection: _Connection) -> None:
@@ -312,10 +346,18 @@ class Delivery:
             return {
                 e.recipient: _outcome(e.recipient, e.code, e.message) for e in refused.recipients
             }
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as error:
+        except aiosmtplib.SMTPServerDisconnected as error:
             raise TemporaryFailure(451, f"451 4.4.2 connection lost: {error}") from None
+        except (aiosmtplib.SMTPTimeoutError, OSError) as error:
+            # Not retried at once on a fresh connection: the upstream may have the message.
+            raise TemporaryFailure(
+                451, f"451 4.4.2 connection lost: {error}", retry=False
+            ) from None
         except aiosmtplib.SMTPResponseException as error:
             return {r: _outcome(r, error.code, error.message) for r in rcpts}
+        except ValueError as error:  # aiosmtplib refuses an address it cannot send safely
+            reply = f"553 5.1.3 address cannot be sent: {error}"
+            return {r: Recipient(r, "failed", 553, reply) for r in rcpts}
         results = {}
         for rcpt in rcpts:
             if rcpt in errors:
@@ -359,20 +401,20 @@ class Delivery:
                 r.code = r.code or 451
             newly_failed += pending
             pending = []
+        bounce = self._bounce(message, newly_failed, expired)
+        schedule = self.config.relay.retry_schedule
+        next_attempt = now + schedule[min(message.attempts, len(schedule) - 1)]
+        last_error = pending[0].reply if pending else ""
+        changed = list(results.values()) + ([] if not expired else newly_failed)
+        await self._record(message.id, changed, not pending, next_attempt, last_error, bounce)
         for r in results.values():
             if r.state == "delivered":
                 self.counters.delivered += 1
             elif r.state == "pending":
                 self.counters.deferred += 1
         self.counters.failed += len(newly_failed)
-        bounce = self._bounce(message, newly_failed, expired)
-        schedule = self.config.relay.retry_schedule
-        next_attempt = now + schedule[min(message.attempts, len(schedule) - 1)]
-        last_error = pending[0].reply if pending else ""
-        changed = list(results.values()) + ([] if not expired else newly_failed)
-        await self.spool.complete_attempt(
-            message.id, changed, not pending, next_attempt, last_error, bounce
-        )
+        if bounce is not None:
+            self.counters.bounces_queued += 1
         log.info(
             "attempt id=%s delivered=%d deferred=%d failed=%d%s",
             message.id,
@@ -382,13 +424,40 @@ class Delivery:
             " (bounce queued)" if bounce else "",
         )
 
+    async def _record(
+        self,
+        msg_id: str,
+        changed: list[Recipient],
+        finished: bool,
+        next_attempt: float,
+        last_error: str,
+        bounce: tuple[str, str, bytes] | None,
+    ) -> None:
+        """Writes the attempt's outcome, retrying while the disk refuses.
+
+        The message stays in flight meanwhile: releasing it unrecorded would send it again at
+        the next poll, once a second, for as long as the disk is full.
+        """
+        delay = 1.0
+        while True:
+            try:
+                await self.spool.complete_attempt(
+                    msg_id, changed, finished, next_attempt, last_error, bounce
+                )
+                return
+            except Exception:
+                log.exception("cannot record the delivery of %s; retrying in %.0f s", msg_id, delay)
+                if self.stopping:
+                    return  # it stays queued as before: sent again after restart (a duplicate)
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+
     def _bounce(
         self, message: Message, failed: list[Recipient], expired: bool
     ) -> tuple[str, str, bytes] | None:
         # A bounce never bounces (RFC 5321 §4.5.5): failures of a null-sender message end here.
         if not failed or message.is_bounce or not message.mail_from:
             return None
-        self.counters.bounces_queued += 1
         content = build_bounce(
             reporting_host=self.config.smtp.hostname,
             original_id=message.id,

@@ -138,8 +138,22 @@ class RelayHandler:
         user: User | None = session.auth_data
         if user is None:  # aiosmtpd's auth_required answers 530 before this hook
             return replies.AUTH_REQUIRED
+        # The account as it is now: a disable, delete or password change since this session
+        # logged in ends its right to send.
+        current = self.authenticator.accounts.get(user.name)
+        if current is None or current.disabled or current.updated != user.updated:
+            session.authenticated = False
+            session.auth_data = None
+            return replies.ACCOUNT_CHANGED
         if _CONTROL.search(address):
             return replies.BAD_SENDER
+        if address == "<>":
+            # The null sender (RFC 5321 §4.5.5): a customer's MTA relaying its own bounces.
+            # aiosmtpd hands it over as "<>"; the envelope keeps that (it needs a non-empty
+            # value) and the spool stores "".
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            return replies.SENDER_OK
         if not user.may_send_as(address):
             log.info("sender refused user=%r from=%r", user.name, address)
             return replies.SENDER_NOT_ALLOWED
@@ -188,7 +202,7 @@ class RelayHandler:
         received = self._received_header(server, session, envelope, msg_id)
         try:
             await self.spool.enqueue(
-                envelope.mail_from or "",
+                "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 list(envelope.rcpt_tos),
                 received + content,
                 user.name,

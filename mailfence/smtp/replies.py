@@ -24,6 +24,7 @@ AUTH_BAD_PLAIN = "501 5.5.2 Cannot split AUTH PLAIN value"
 AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 
 # Envelope.
+ACCOUNT_CHANGED = "530 5.7.0 Authentication required: the account changed, log in again"
 SENDER_OK = "250 2.1.0 Ok"
 BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 SENDER_NOT_ALLOWED = "553 5.7.1 Sender address not allowed for this account"

@@ -91,8 +91,9 @@ class Writer:
                     results.append((job, False, error))
             self._conn.execute("COMMIT")
         except Exception as error:  # the commit itself failed: nobody's write is durable
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            with contextlib.suppress(Exception):  # a failing ROLLBACK must not kill the thread
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
             results = [(job, False, error) for job in batch]
         for job, ok, value in results:
             # RuntimeError: that caller's loop has closed; the write stands regardless.
