@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import argon2
 
@@ -58,6 +59,8 @@ class Verdict:
     outcome: Outcome
     user: User | None = None
     cached: bool = False
+    fingerprint: bytes = b""  # keyed HMAC of (user, password): counts distinct guesses
+    repeated: bool = False  # the same wrong password again, answered from the negative cache
 
 
 class Accounts:
@@ -86,21 +89,27 @@ def accounts_from_database(database_path: str) -> Accounts:
 
 
 class CredentialCache:
-    """Recent successful logins, keyed by HMAC(secret, user, password).
+    """Recent logins, keyed by HMAC(secret, user, password): successes and failures.
 
-    An entry remembers the account's `updated` stamp: a password change, a disable or a
-    delete changes or removes the account, and the entry stops matching at once.
+    A success remembers the account's `updated` stamp: a password change, a disable or a
+    delete changes or removes the account, and the entry stops matching at once. A failure
+    (the negative cache) answers the same user with the same wrong password without hashing,
+    and tells the defense it is a repeat, not a new guess.
     """
 
-    def __init__(self, ttl: float, max_entries: int = 10000) -> None:
+    def __init__(self, ttl: float, negative_ttl: float = 600.0, max_entries: int = 10000) -> None:
         self._secret = secrets.token_bytes(32)
         self._ttl = ttl
+        self._negative_ttl = negative_ttl
         self._max = max_entries
         self._entries: dict[bytes, tuple[float, float]] = {}  # key -> (expires, user.updated)
+        self._failures: dict[bytes, tuple[float, float]] = {}  # key -> (expires, user.updated)
 
-    def _key(self, name: str, password: bytes) -> bytes:
+    def fingerprint(self, name: str, password: bytes) -> bytes:
         message = name.encode("utf-8", "surrogateescape") + b"\0" + password
         return hmac.digest(self._secret, message, hashlib.sha256)
+
+    _key = fingerprint
 
     def hit(self, user: User, password: bytes, now: float) -> bool:
         key = self._key(user.name, password)
@@ -116,31 +125,98 @@ class CredentialCache:
     def remember(self, user: User, password: bytes, now: float) -> None:
         if self._ttl <= 0:
             return
-        if len(self._entries) >= self._max:
-            # Drop the oldest insertion: dicts keep order, so this is O(1).
-            del self._entries[next(iter(self._entries))]
-        self._entries[self._key(user.name, password)] = (now + self._ttl, user.updated)
+        _bounded_put(
+            self._entries,
+            self._max,
+            self._key(user.name, password),
+            (now + self._ttl, user.updated),
+        )
+        self._failures.pop(self._key(user.name, password), None)
+
+    def failed_before(self, key: bytes, user: User | None, now: float) -> bool:
+        entry = self._failures.get(key)
+        if entry is None:
+            return False
+        expires, stamp = entry
+        # A changed account (a new password may be the one that failed) starts afresh.
+        if expires < now or stamp != (user.updated if user else 0.0):
+            del self._failures[key]
+            return False
+        return True
+
+    def remember_failure(self, key: bytes, user: User | None, now: float) -> None:
+        if self._negative_ttl > 0:
+            stamp = user.updated if user else 0.0
+            _bounded_put(self._failures, self._max, key, (now + self._negative_ttl, stamp))
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-class VerificationPool:
-    """argon2 on a fixed number of threads with a bounded number of waiting requests."""
+def _bounded_put(table: dict[bytes, Any], limit: int, key: bytes, value: Any) -> None:
+    if key not in table and len(table) >= limit:
+        # Drop the oldest insertion: dicts keep order, so this is O(1).
+        del table[next(iter(table))]
+    table[key] = value
 
-    def __init__(self, hasher: argon2.PasswordHasher, threads: int, queue_limit: int) -> None:
+
+class VerificationPool:
+    """argon2 on a fixed number of threads, fed by two bounded lanes.
+
+    The known-good lane (a user logging in from a network it has used before) is always
+    served first; the unknown lane takes what is left. A lane whose queue is full answers at
+    once (BUSY): nobody waits in a line they cannot see the end of.
+    """
+
+    def __init__(
+        self, hasher: argon2.PasswordHasher, threads: int, known_queue: int, unknown_queue: int
+    ) -> None:
         self._hasher = hasher
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mailfence-verify")
-        self.capacity = threads + queue_limit
-        self.in_flight = 0
+        self.threads = threads
+        self.busy = 0
+        self.limits = {"known": known_queue, "unknown": unknown_queue}
+        self.waiting: dict[str, deque[asyncio.Future[None]]] = {
+            "known": deque(),
+            "unknown": deque(),
+        }
         # Recent verification times, used to make a login for an unknown user take as long.
         self.recent_seconds: deque[float] = deque(maxlen=64)
 
-    def full(self) -> bool:
-        return self.in_flight >= self.capacity
+    @property
+    def in_flight(self) -> int:
+        return self.busy + sum(len(q) for q in self.waiting.values())
 
-    async def verify(self, password_hash: str, password: bytes) -> bool:
-        self.in_flight += 1
+    def full(self, lane: str = "unknown") -> bool:
+        return self.busy >= self.threads and len(self.waiting[lane]) >= self.limits[lane]
+
+    async def _acquire(self, lane: str) -> None:
+        if self.busy < self.threads:
+            self.busy += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting[lane].append(waiter)
+        try:
+            await waiter  # the releasing verification hands its slot over
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # we were handed a slot but will not use it
+            else:
+                self.waiting[lane].remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        for lane in ("known", "unknown"):  # known-good first, always
+            queue = self.waiting[lane]
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.busy -= 1
+
+    async def verify(self, password_hash: str, password: bytes, lane: str = "unknown") -> bool:
+        await self._acquire(lane)
         try:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
@@ -150,7 +226,7 @@ class VerificationPool:
             self.recent_seconds.append(time.perf_counter() - started)
             return ok
         finally:
-            self.in_flight -= 1
+            self._release()
 
     def decoy_delay(self) -> float:
         """How long a real verification takes now, drawn from recent ones."""
@@ -168,23 +244,28 @@ class Authenticator:
         self.cache = cache
         self.pool = pool
 
-    async def check(self, name: str, password: bytes) -> Verdict:
+    async def check(self, name: str, password: bytes, lane: str = "unknown") -> Verdict:
         now = time.monotonic()
         user = self.accounts.get(name)
         if user is not None and self.cache.hit(user, password, now):
             return Verdict(Outcome.OK, user, cached=True)
-        if self.pool.full():
+        key = self.cache.fingerprint(name, password)
+        if self.cache.failed_before(key, user, now):
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, repeated=True)
+        if self.pool.full(lane):
             return Verdict(Outcome.BUSY)
         if user is None:
             # No hash to check, but the answer must not come back faster than a real one
             # would: sleep (no CPU) for as long as a verification takes.
             await asyncio.sleep(self.pool.decoy_delay())
-            return Verdict(Outcome.BAD_CREDENTIALS)
-        if not await self.pool.verify(user.password_hash, password):
-            return Verdict(Outcome.BAD_CREDENTIALS)
+            self.cache.remember_failure(key, None, now)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
+        if not await self.pool.verify(user.password_hash, password, lane):
+            self.cache.remember_failure(key, user, now)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
         current = self.accounts.get(name)  # the account may have changed while we hashed
         if current is None or current.password_hash != user.password_hash:
-            return Verdict(Outcome.BAD_CREDENTIALS)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
         if current.disabled:
             return Verdict(Outcome.DISABLED, current)
         self.cache.remember(current, password, now)

@@ -66,7 +66,8 @@ class AuthConfig:
     plaintext_networks: tuple[IPNetwork, ...] = ()
     failure_reply: FailureReply = "temporary"
     verify_threads: int = 2
-    verify_queue: int = 64
+    verify_queue: int = 32
+    verify_queue_known: int = 256
     cache_ttl: float = 3600.0
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
@@ -122,8 +123,6 @@ class DefenseConfig:
     attack_auth_attempts_per_session: int = 1
     attack_max_connections_per_ip: int = 3
     attack_session_timeout: float = 30.0
-    unknown_lane_queue: int = 32
-    known_good_lane_queue: int = 256
 
 
 @dataclass(frozen=True)
@@ -377,6 +376,7 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         ),
         verify_threads=sec.integer("verify_threads", a.verify_threads, 1, 256),
         verify_queue=sec.integer("verify_queue", a.verify_queue, 0, 100000),
+        verify_queue_known=sec.integer("verify_queue_known", a.verify_queue_known, 0, 100000),
         cache_ttl=sec.duration("cache_ttl", a.cache_ttl, 0.0),
         argon2_time_cost=sec.integer("argon2_time_cost", a.argon2_time_cost, 1, 100),
         argon2_memory_kib=sec.integer("argon2_memory_kib", a.argon2_memory_kib, 8, 4 * 1024 * 1024),
@@ -481,8 +481,6 @@ def _defense(sec: _Section) -> DefenseConfig:
             "attack_max_connections_per_ip", d.attack_max_connections_per_ip, 1
         ),
         attack_session_timeout=sec.duration("attack_session_timeout", d.attack_session_timeout),
-        unknown_lane_queue=sec.integer("unknown_lane_queue", d.unknown_lane_queue, 0),
-        known_good_lane_queue=sec.integer("known_good_lane_queue", d.known_good_lane_queue, 0),
     )
     sec.done()
     return result

@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -26,6 +27,8 @@ from mailfence.auth import (
     make_hasher,
 )
 from mailfence.config import Config, ConfigError
+from mailfence.defense import Ban, Defense
+from mailfence.defense.net import IPNetwork
 from mailfence.delivery.worker import Delivery
 from mailfence.smtp import replies
 from mailfence.smtp.handler import RelayHandler
@@ -33,6 +36,7 @@ from mailfence.smtp.listeners import ListenError, Listeners
 from mailfence.smtp.tls import TLSSetupError, ensure_self_signed, server_context
 from mailfence.spool import Spool
 from mailfence.store import StoreError, Writer, connect, open_database
+from mailfence.store import defense as defense_table
 
 log = logging.getLogger("mailfence")
 
@@ -61,6 +65,7 @@ class Server:
         self.started_at = time.monotonic()
         self.ready_event: asyncio.Event | None = None
         self.ports: list[int] = []
+        self.next_cleanup = 0.0
 
     # --- entry points --------------------------------------------------------------------
 
@@ -94,13 +99,20 @@ class Server:
         auth = config.auth
         self.accounts: Accounts = accounts_from_database(str(config.database_path))
         await self.accounts.reload()
-        self.pool = VerificationPool(make_hasher(auth), auth.verify_threads, auth.verify_queue)
-        self.cache = CredentialCache(auth.cache_ttl)
+        self.pool = VerificationPool(
+            make_hasher(auth), auth.verify_threads, auth.verify_queue_known, auth.verify_queue
+        )
+        self.cache = CredentialCache(auth.cache_ttl, config.defense.negative_cache_ttl)
         self.authenticator = Authenticator(self.accounts, self.cache, self.pool)
 
         self.spool = Spool(self.writer, config.database_path, config.spool.max_messages)
         await self.spool.start()
-        self.handler = RelayHandler(config, self.authenticator, self.spool)
+        self.defense = Defense(config.defense)
+        await self._load_defense_state(initial=True)
+        self.background: set[asyncio.Task[None]] = set()
+        self.handler = RelayHandler(config, self.authenticator, self.spool, self.defense)
+        self.handler.on_bans = self._persist_bans
+        self.handler.on_known_good = self._persist_known_good
         try:
             self.delivery = Delivery(config, self.spool)
         except OSError as error:
@@ -108,7 +120,7 @@ class Server:
                 f"{config.source}: relay.upstream_password_file: cannot be read "
                 f"({error.strerror}); fix: check the path and its permissions"
             ) from None
-        self.listeners = Listeners(config, self.handler, self.tls)
+        self.listeners = Listeners(config, self.handler, self.tls, self.defense)
         try:
             await self.listeners.start()
         except ListenError as error:
@@ -128,6 +140,58 @@ class Server:
             len(self.accounts.users),
             self.spool.size,
         )
+
+    # --- the defense's persistent state ---------------------------------------------------
+
+    async def _load_defense_state(self, initial: bool) -> None:
+        """Bans and the allowlist from the database (they change under the CLI's hand)."""
+        now = time.time()
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            signature = defense_table.signature(conn)
+            bans = defense_table.active_bans(conn, now)
+            allowed = defense_table.allowlist(conn)
+            pairs = (
+                defense_table.known_good(conn, now - self.config.defense.known_good_window)
+                if initial
+                else []
+            )
+            return signature, bans, allowed, pairs
+
+        signature, bans, allowed, pairs = await asyncio.to_thread(read, self.watch_conn)
+        self.defense_signature = signature
+        self.defense.load_bans(bans)
+        self.defense.allowlist = [*self.config.defense.allowlist, *allowed]
+        for user, prefix, when in pairs:
+            self.defense.remember_known_good(user, prefix, when)
+
+    def _in_background(self, job: Any) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _persist_bans(self, bans: list[Ban]) -> None:
+        async def write() -> None:
+            try:
+                await self.writer.run(lambda conn: defense_table.insert_bans(conn, bans))
+            except Exception:
+                log.exception("could not record bans; they hold until restart")
+            self.defense_signature = await asyncio.to_thread(
+                defense_table.signature, self.watch_conn
+            )
+
+        self._in_background(write())
+
+    def _persist_known_good(self, user: str, prefix: IPNetwork, when: float) -> None:
+        async def write() -> None:
+            try:
+                await self.writer.run(
+                    lambda conn: defense_table.remember_known_good(conn, user, prefix, when)
+                )
+            except Exception:
+                log.exception("could not record a known-good login")
+
+        self._in_background(write())
 
     def _certificate_paths(self) -> tuple[Path, Path]:
         """The configured certificate, or the self-signed one (made on first use)."""
@@ -191,6 +255,19 @@ class Server:
             log.info("users reloaded: %d accounts", len(self.accounts.users))
         await self.spool.refresh_size()
         self.delivery.close_idle_connections(now)
+        # Bans and allowlist changes made by `mailfence ban/unban/allow`: within a second.
+        signature = await asyncio.to_thread(defense_table.signature, self.watch_conn)
+        if signature != self.defense_signature:
+            await self._load_defense_state(initial=False)
+            log.info("bans and allowlist reloaded: %d bans in force", len(self.defense.bans))
+        wall = time.time()
+        change = self.defense.tick(wall)
+        if change is not None:
+            log.warning("defense: %s under-attack mode", change)
+        if now >= self.next_cleanup:
+            self.next_cleanup = now + 60.0
+            self.defense.housekeeping(wall)
+            await self.writer.run(lambda conn: defense_table.prune(conn, wall))
 
     async def reload(self) -> None:
         """SIGHUP: users, the certificate, and the settings that can change live."""
@@ -237,6 +314,8 @@ class Server:
         # 4. Delivery workers finish their current message.
         await self.delivery.stop(max(1.0, deadline - time.monotonic()))
         # 5. Storage last: every write queued so far is committed before the process exits.
+        if self.background:
+            await asyncio.wait(self.background, timeout=5.0)
         self.pool.shutdown()
         self.spool.close()
         await asyncio.to_thread(self.writer.close)

@@ -13,11 +13,15 @@ import binascii
 import email.utils
 import logging
 import re
+import time
+from collections.abc import Callable
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from mailfence.auth import Authenticator, Outcome
 from mailfence.config import Config
+from mailfence.defense import AuthAction, Ban, Defense
+from mailfence.defense.net import IPNetwork
 from mailfence.smtp import replies
 from mailfence.smtp.session import RelaySMTP
 from mailfence.spool import Spool, SpoolFull, new_id
@@ -44,11 +48,25 @@ def _decode_b64(text: str) -> bytes | None:
         return None
 
 
+def _ignore_bans(bans: list[Ban]) -> None:
+    return None
+
+
+def _ignore_known_good(user: str, prefix: IPNetwork, when: float) -> None:
+    return None
+
+
 class RelayHandler:
-    def __init__(self, config: Config, authenticator: Authenticator, spool: Spool) -> None:
+    def __init__(
+        self, config: Config, authenticator: Authenticator, spool: Spool, defense: Defense
+    ) -> None:
         self.config = config
         self.authenticator = authenticator
         self.spool = spool
+        self.defense = defense
+        # Set by the server: persist what the defense decided (bans, known-good pairs).
+        self.on_bans: Callable[[list[Ban]], None] = _ignore_bans
+        self.on_known_good: Callable[[str, IPNetwork, float], None] = _ignore_known_good
 
     # --- AUTH (RFC 4954, RFC 4616) -------------------------------------------------------
 
@@ -89,26 +107,56 @@ class RelayHandler:
 
     async def _authenticate(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
         name = login.decode("utf-8", "surrogateescape")
+        address = server.address
         server.phase = "auth"
-        verdict = await self.authenticator.check(name, password)
+        server.auth_attempts += 1
+        now = time.time()
+        defense = self.defense
+        exists = self.authenticator.accounts.get(name) is not None
+        gate = defense.before_auth(address, name, now, server.auth_attempts, exists)
+        if gate.action is AuthAction.DISCONNECT:
+            log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
+            server.close_with(replies.TOO_MANY_AUTH_ATTEMPTS)
+            return AuthResult(success=False, handled=True)
+        if gate.action is AuthAction.REFUSE:
+            log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
+            server.phase = "ehlo"
+            return self._failure(replies.AUTH_TEMPORARY_FAILURE)
+        verdict = await self.authenticator.check(name, password, gate.lane)
         log.info(
-            "auth %s user=%r peer=%s cached=%s",
+            "auth %s user=%r peer=%s lane=%s cached=%s",
             verdict.outcome.value,
             name,
-            server.peer_address,
+            address,
+            gate.lane,
             verdict.cached,
         )
         if verdict.outcome is Outcome.OK:
             server.phase = "authenticated"
+            server.authenticated()
+            if defense.on_auth_success(address, name, now):
+                self.on_known_good(name, defense.prefix_of(address), now)
             return AuthResult(success=True, auth_data=verdict.user, message=replies.AUTH_OK)
         server.phase = "ehlo"
         if verdict.outcome is Outcome.BUSY:
-            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
+            return self._failure(replies.AUTH_TEMPORARY_FAILURE)
         if verdict.outcome is Outcome.DISABLED:
-            return AuthResult(success=False, handled=False, message=replies.AUTH_DISABLED)
+            return self._failure(replies.AUTH_DISABLED)
+        bans = defense.on_auth_failure(address, name, verdict.fingerprint, now, verdict.repeated)
+        if bans:
+            for ban in bans:
+                log.warning("banned %s until %s: %s", ban.network, ban.until, ban.reason)
+            self.on_bans(bans)
+            if defense.bans.find(address, now) is not None:
+                server.close_with(replies.BANNED)
+                return AuthResult(success=False, handled=True)
         if self.config.auth.failure_reply == "permanent":
-            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-        return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
+            return self._failure(replies.AUTH_INVALID)
+        return self._failure(replies.AUTH_TEMPORARY_FAILURE)
+
+    @staticmethod
+    def _failure(reply: str) -> AuthResult:
+        return AuthResult(success=False, handled=False, message=reply)
 
     # --- envelope ------------------------------------------------------------------------
 

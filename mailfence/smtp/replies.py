@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import re
 
-# Connection-level refusals.
+# Connection-level refusals (DESIGN.md: temporary for automatic bans, so a wrongly banned
+# customer retries after the ban ends; permanent only for an operator's --permanent ban).
+BANNED = "421 4.7.0 Too many failed logins from your address, try again later"
+BANNED_PERMANENTLY = "554 5.7.1 Your address is not allowed to use this service"
+TOO_MANY_AUTH_ATTEMPTS = "421 4.7.0 Too many authentication attempts, closing connection"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TIMEOUT = "421 4.4.2 Timeout, closing connection"

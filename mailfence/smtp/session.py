@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, cast
@@ -19,6 +18,7 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import SMTP, Session
 
 from mailfence.config import Config
+from mailfence.defense.net import IPAddress
 from mailfence.smtp import replies
 
 
@@ -41,6 +41,8 @@ class RelaySMTP(SMTP):
         live: set[RelaySMTP],
         implicit_tls: bool,
         tls_context: Any,
+        address: IPAddress,
+        on_close: Callable[[IPAddress], None],
     ) -> None:
         super().__init__(
             handler,
@@ -56,6 +58,9 @@ class RelaySMTP(SMTP):
         self.config = config
         self.live = live
         self.implicit_tls = implicit_tls
+        self.address = address  # the client (from the socket, or from a PROXY header)
+        self._on_close: Callable[[IPAddress], None] | None = on_close
+        self.auth_attempts = 0
         self.started = time.monotonic()
         self.phase = "connect"
         self.busy = False  # a command is being handled (idle sessions may be closed at once)
@@ -95,22 +100,24 @@ class RelaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.live.discard(self)
+        if self._on_close is not None:  # once: aiosmtpd may see more than one loss
+            self._on_close(self.address)
+            self._on_close = None
         super().connection_lost(error)
 
+    def set_unauthenticated_timeout(self, seconds: float) -> None:
+        self._timeout_duration = seconds
+
+    def authenticated(self) -> None:
+        """Called on a successful AUTH: the normal command timeout applies again."""
+        self._timeout_duration = self.config.smtp.command_timeout
+
     def _peer_may_auth_in_clear(self) -> bool:
-        address = self.peer_address
-        if not address or not self.config.auth.plaintext_networks:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.config.auth.plaintext_networks)
+        return any(self.address in net for net in self.config.auth.plaintext_networks)
 
     @property
     def peer_address(self) -> str:
-        peer = self.session.peer if self.session is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) else ""
+        return str(self.address)
 
     @property
     def encrypted(self) -> bool:

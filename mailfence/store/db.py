@@ -76,7 +76,34 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     # deletes recipients explicitly in the same transaction instead.
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    # The ban ledger: one row per ban, kept after it ends (history, escalation, `explain`).
+    db.table("bans").create(
+        {
+            "id": int,
+            "network": str,
+            "until": float,  # NULL: permanent
+            "reason": str,
+            "evidence": str,  # JSON
+            "source": str,  # auto | manual
+            "level": int,
+            "created": float,
+            "lifted": float,  # set by `unban`; NULL while in force
+        },
+        pk="id",
+    )
+    db.table("bans").create_index(["network"])
+    db.table("allowlist").create(
+        {"network": str, "note": str, "created": float},
+        pk="network",
+    )
+    db.table("known_good").create(
+        {"user": str, "prefix": str, "last_success": float},
+        pk=("user", "prefix"),
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 def migrate(conn: sqlite3.Connection) -> None:
