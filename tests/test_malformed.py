@@ -135,3 +135,26 @@ def test_commands_out_of_order(relay: RunningRelay) -> None:
         assert raw(client, b"MAIL FROM:<alice@example.com>\r\n")[0] == 503
         assert raw(client, b"AUTH PLAIN AGFAYg==\r\n")[0] == 503  # already authenticated
         still_alive(client)
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(relay: RunningRelay) -> None:
+    """RFC 3207 §4.2 (the STARTTLS command injection): nothing sent in the clear after
+    STARTTLS may be executed inside the TLS session."""
+    import socket
+
+    from mailfence.testing import client_tls_context
+
+    sock = socket.create_connection(("127.0.0.1", relay.starttls_port), timeout=10)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"220 ")
+    sock.sendall(b"EHLO client.test\r\n")
+    while not reader.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\nFOO injected\r\n")
+    assert reader.readline().startswith(b"220 ")
+    tls = client_tls_context().wrap_socket(sock, server_hostname="relay.test")
+    tls.sendall(b"NOOP\r\n")
+    reply = tls.recv(1024)
+    assert reply.startswith(b"250 "), reply  # not "500 ... FOO not recognized"
+    tls.close()
+    reader.close()
