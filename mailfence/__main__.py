@@ -1,3 +1,4 @@
 from mailfence.cli import main
 
-main()
+if __name__ == "__main__":  # the delivery process is spawned; it must not run the CLI again
+    main()

@@ -84,6 +84,7 @@ class RelayConfig:
     max_message_bytes: int = 26214400
     max_recipients: int = 100
     delivery_workers: int = 8
+    delivery_process: bool = True
     messages_per_connection: int = 100
     retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
     max_queue_age: float = 5 * 86400.0
@@ -402,6 +403,7 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
         max_message_bytes=sec.integer("max_message_bytes", r.max_message_bytes, 1024),
         max_recipients=sec.integer("max_recipients", r.max_recipients, 1, 100000),
         delivery_workers=sec.integer("delivery_workers", r.delivery_workers, 1, 1000),
+        delivery_process=sec.flag("delivery_process", r.delivery_process),
         messages_per_connection=sec.integer(
             "messages_per_connection", r.messages_per_connection, 1, 100000
         ),

@@ -30,6 +30,7 @@ from mailfence.auth import (
 from mailfence.config import Config, ConfigError
 from mailfence.defense import Ban, Defense
 from mailfence.defense.net import IPNetwork
+from mailfence.delivery.process import DeliveryProcess
 from mailfence.delivery.worker import Delivery
 from mailfence.smtp import replies
 from mailfence.smtp.handler import RelayHandler
@@ -134,7 +135,13 @@ class Server:
         except ListenError as error:
             raise StartupError(str(error)) from None
         self.ports = self.listeners.bound_ports()
-        self.delivery.start()
+        self.delivery_process: DeliveryProcess | None = None
+        if config.relay.delivery_process:
+            self.delivery_process = DeliveryProcess(config)
+            self.spool.on_arrival = self.delivery_process.nudge
+            self.delivery_process.start()
+        else:
+            self.delivery.start()
         described = ", ".join(
             f"{listener.tls} {listener.host}:{port}"
             for listener, port in zip(config.listen, self.ports, strict=True)
@@ -260,7 +267,10 @@ class Server:
             await self.accounts.reload()
             log.info("users reloaded: %d accounts", len(self.accounts.users))
         await self.spool.refresh_size()
-        self.delivery.close_idle_connections(now)
+        if self.delivery_process is not None:
+            self.delivery_process.check()
+        else:
+            self.delivery.close_idle_connections(now)
         # Bans and allowlist changes made by `mailfence ban/unban/allow`: within a second.
         signature = await asyncio.to_thread(defense_table.signature, self.watch_conn)
         if signature != self.defense_signature:
@@ -318,7 +328,10 @@ class Server:
             session.close_with(replies.SHUTTING_DOWN)
         await self.listeners.close()
         # 4. Delivery workers finish their current message.
-        await self.delivery.stop(max(1.0, deadline - time.monotonic()))
+        remaining = max(1.0, deadline - time.monotonic())
+        if self.delivery_process is not None:
+            await asyncio.to_thread(self.delivery_process.stop, remaining)
+        await self.delivery.stop(remaining)
         # 5. Storage last: every write queued so far is committed before the process exits.
         if self.background:
             await asyncio.wait(self.background, timeout=5.0)

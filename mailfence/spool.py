@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,8 +228,10 @@ class Spool:
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="mailfence-spool-read")
         self.max_messages = max_messages
         self.size = 0
-        # Set whenever a message is queued, so delivery starts without waiting for a poll.
+        # Set whenever a message is queued, so delivery starts without waiting for a poll;
+        # `on_arrival` tells a delivery process elsewhere the same thing.
         self.arrived = asyncio.Event()
+        self.on_arrival: Callable[[], None] | None = None
 
     def _read(self, fn: Any, *args: Any) -> Any:
         if self._reader is None:
@@ -265,6 +267,8 @@ class Spool:
         )
         self.size += 1
         self.arrived.set()
+        if self.on_arrival is not None:
+            self.on_arrival()
         return msg_id
 
     async def due(self, exclude: set[str], limit: int, max_bytes: int) -> list[Message]:

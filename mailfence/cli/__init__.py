@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Annotated
 
 import typer
@@ -45,4 +46,6 @@ app.add_typer(config_cmd.app, name="config")
 
 
 def main() -> None:
+    # The delivery process is started with "spawn"; a frozen binary must recognise the child.
+    multiprocessing.freeze_support()
     app()

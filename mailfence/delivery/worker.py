@@ -119,6 +119,8 @@ class Delivery:
         """Workers finish the message they are sending; what remains stays queued on disk."""
         self.stopping = True
         self.spool.arrived.set()
+        if not self._tasks:
+            return
         _, pending = await asyncio.wait(self._tasks, timeout=max(0.0, deadline))
         for task in pending:
             task.cancel()

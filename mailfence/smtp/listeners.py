@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import errno
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
+
+import uvloop
+import uvloop.loop as uvloop_loop
 
 from mailfence.config import Config, Listener
 from mailfence.defense import Action, ConnectVerdict, Defense
@@ -53,37 +57,47 @@ class GateProtocol(asyncio.Protocol):
             _refuse(transport, _CONNECT_REPLY[verdict.action])
             return
         self.verdict = verdict
+        session = listeners.new_session(self.listener, self.address, verdict)
+        self.handed_over = True  # from here on the session releases the connection
         if self.listener.tls == "implicit":
-            cast(asyncio.ReadTransport, transport).pause_reading()
-            task = asyncio.get_running_loop().create_task(self._start_tls(transport))
-            listeners.handshakes.add(task)
-            task.add_done_callback(listeners.handshakes.discard)
+            self._wrap_in_tls(transport, session, self.address)
         else:
-            self._hand_over(transport)
+            transport.set_protocol(session)
+            session.connection_made(transport)
 
-    async def _start_tls(self, transport: asyncio.BaseTransport) -> None:
+    def _wrap_in_tls(
+        self, transport: asyncio.BaseTransport, session: RelaySMTP, address: IPAddress
+    ) -> None:
+        """Puts a TLS layer between the socket and the session, synchronously.
+
+        `loop.start_tls` is a coroutine: by the time it ran, the event loop would already
+        have read the client's first TLS bytes and handed them to this gate. Installing the
+        TLS protocol before `connection_made` returns means no byte goes astray.
+        """
         loop = asyncio.get_running_loop()
-        try:
-            tls_transport = await loop.start_tls(
-                cast(asyncio.WriteTransport, transport),
-                self,
-                self.listeners.tls,
-                server_side=True,
-                ssl_handshake_timeout=self.listeners.config.smtp.tls_handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            transport.close()
-            return
-        if tls_transport is None or tls_transport.is_closing():
-            return
-        self._hand_over(tls_transport)
+        waiter: asyncio.Future[None] = loop.create_future()
 
-    def _hand_over(self, transport: asyncio.BaseTransport) -> None:
-        assert self.address is not None and self.verdict is not None
-        session = self.listeners.new_session(self.listener, self.address, self.verdict)
-        self.handed_over = True
-        transport.set_protocol(session)
-        session.connection_made(transport)
+        def handshake_done(future: asyncio.Future[None]) -> None:
+            # A failed handshake never reaches the session, so release its slot here.
+            if future.cancelled() or future.exception() is not None:
+                self.listeners.release(address)
+
+        waiter.add_done_callback(handshake_done)
+        # uvloop's own TLS protocol (in C) on a uvloop loop, asyncio's anywhere else.
+        protocol_class: Any = getattr(uvloop_loop, "SSLProtocol", None)
+        if protocol_class is None or not isinstance(loop, uvloop.Loop):
+            protocol_class = sslproto.SSLProtocol
+        tls_protocol = protocol_class(
+            loop,
+            session,
+            self.listeners.tls,
+            waiter,
+            server_side=True,
+            call_connection_made=True,
+            ssl_handshake_timeout=self.listeners.config.smtp.tls_handshake_timeout,
+        )
+        transport.set_protocol(tls_protocol)
+        tls_protocol.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handed_over and self.address is not None:
@@ -115,7 +129,6 @@ class Listeners:
         self.tls = tls
         self.defense = defense
         self.live: set[RelaySMTP] = set()
-        self.handshakes: set[asyncio.Task[None]] = set()
         self.open_connections = 0  # admitted, including those still in a TLS handshake
         self.servers: list[asyncio.Server] = []
         self.draining = False

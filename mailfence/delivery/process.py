@@ -1,0 +1,138 @@
+"""Delivery in a process of its own, so that receiving and delivering each get a core.
+
+One Python process is one core: on a two-core machine, the SMTP event loop alone saturates
+its core under load, and delivery sharing that loop fell behind (DESIGN.md, "Scale"). The
+child runs the same `Delivery` over the same SQLite spool (WAL lets the two processes read
+and write side by side, as the CLI already does); the parent only nudges it through a socket
+when a message is queued, so it need not wait for its one-second poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from multiprocessing.process import BaseProcess
+
+import uvloop
+
+from mailfence.config import Config
+from mailfence.delivery.worker import Delivery
+from mailfence.spool import Spool
+from mailfence.store import Writer, connect
+
+log = logging.getLogger("mailfence.delivery")
+
+
+class DeliveryProcess:
+    """The parent's handle on the delivery child: start, nudge, watch, stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
+        self._process: BaseProcess | None = None
+        self._nudge: socket.socket | None = None
+        self._nudge_pending = False
+        self.restarts = 0
+
+    def start(self) -> None:
+        parent_end, child_end = socket.socketpair()
+        parent_end.setblocking(False)
+        self._nudge = parent_end
+        level = logging.getLogger("mailfence").getEffectiveLevel()
+        self._process = self._context.Process(
+            target=_child_main,
+            args=(self.config, child_end, level),
+            name="mailfence-delivery",
+            daemon=True,
+        )
+        self._process.start()
+        child_end.close()
+
+    def nudge(self) -> None:
+        """A message was queued. Coalesced: one byte per loop turn, however many arrived."""
+        if self._nudge_pending:
+            return
+        self._nudge_pending = True
+        asyncio.get_running_loop().call_soon(self._send_nudge)
+
+    def _send_nudge(self) -> None:
+        self._nudge_pending = False
+        if self._nudge is not None:
+            # A full buffer already holds a nudge the child has yet to read.
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._nudge.send(b"!")
+
+    def check(self) -> None:
+        """Called every second: a child that died is logged and started again."""
+        if self._process is not None and not self._process.is_alive():
+            log.error(
+                "delivery process exited (code %s); starting it again", self._process.exitcode
+            )
+            self.restarts += 1
+            self._close_nudge()
+            self.start()
+
+    def stop(self, deadline: float) -> None:
+        """Blocking (run it on a thread): the child finishes its current messages and exits."""
+        process = self._process
+        if process is None:
+            return
+        if process.is_alive() and process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            process.join(max(1.0, deadline))
+        if process.is_alive():
+            log.warning("delivery process did not stop in time; killing it")
+            process.kill()
+            process.join(5)
+        self._close_nudge()
+        self._process = None
+
+    def _close_nudge(self) -> None:
+        if self._nudge is not None:
+            self._nudge.close()
+            self._nudge = None
+
+
+def _child_main(config: Config, nudges: socket.socket, level: int) -> None:
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvloop.run(_deliver(config, nudges))
+
+
+async def _deliver(config: Config, nudges: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides when to stop
+    writer = Writer(connect(config.database_path))
+    spool = Spool(writer, config.database_path, config.spool.max_messages)
+    delivery = Delivery(config, spool)
+
+    def on_nudge() -> None:
+        try:
+            data = nudges.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:  # the parent is gone: finish up
+            stop.set()
+        spool.arrived.set()
+
+    nudges.setblocking(False)
+    loop.add_reader(nudges.fileno(), on_nudge)
+    delivery.start()
+    await stop.wait()
+    loop.remove_reader(nudges.fileno())
+    await delivery.stop(config.smtp.shutdown_timeout)
+    spool.close()
+    await asyncio.to_thread(writer.close)
+    nudges.close()
