@@ -14,6 +14,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 MAX_BATCH = 256
+LOCK_WAIT = 10.0
 
 
 @dataclass
@@ -33,6 +35,10 @@ class _Job:
 class Writer:
     def __init__(self, conn: sqlite3.Connection, max_pending: int = 10000) -> None:
         self._conn = conn
+        # SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries; with the
+        # delivery process writing too, that put 100 ms+ into the time to 250. This thread
+        # waits for the write lock itself, polling every millisecond (see _begin).
+        conn.execute("PRAGMA busy_timeout=0")
         # Bounded: a stalled disk makes callers wait on put, not the process grow.
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._loop, name="mailfence-writer", daemon=True)
@@ -73,10 +79,22 @@ class Writer:
             if stop:
                 return
 
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting up to LOCK_WAIT for another process's write to finish."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as error:
+                if not _is_locked(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+
     def _commit(self, batch: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             for job in batch:
                 # A savepoint per job: one failing job is rolled back alone and the rest of
                 # the batch still commits.
@@ -99,6 +117,10 @@ class Writer:
             # RuntimeError: that caller's loop has closed; the write stands regardless.
             with contextlib.suppress(RuntimeError):
                 job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
