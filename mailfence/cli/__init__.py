@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mailfence import __version__
-from mailfence.cli import config_cmd, queue, users
+from mailfence.cli import config_cmd, defense, queue, users
 from mailfence.cli.serve import serve
 
 # A traceback must never print local variables: one of them could be a password.
@@ -43,6 +43,11 @@ app.command("serve")(serve)
 app.add_typer(users.app, name="users")
 app.add_typer(queue.app, name="queue")
 app.add_typer(config_cmd.app, name="config")
+app.command("ban")(defense.ban)
+app.command("unban")(defense.unban)
+app.add_typer(defense.bans_app, name="bans")
+app.add_typer(defense.allow_app, name="allow")
+app.command("explain")(defense.explain)
 
 
 def main() -> None:

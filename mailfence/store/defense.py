@@ -12,7 +12,7 @@ import sqlite3
 from typing import Any
 
 from mailfence.defense.bans import Ban, BanSource
-from mailfence.defense.net import IPNetwork
+from mailfence.defense.net import IPAddress, IPNetwork
 
 KEEP_HISTORY = 30 * 86400.0
 
@@ -70,6 +70,12 @@ def ban_history(conn: sqlite3.Connection, network: IPNetwork) -> list[Ban]:
         (str(network),),
     )
     return [_ban(row) for row in rows]
+
+
+def ban_history_for(conn: sqlite3.Connection, address: IPAddress) -> list[Ban]:
+    """Every recorded ban whose network contains `address` (newest last)."""
+    rows = conn.execute(f"SELECT {_BAN_COLUMNS} FROM bans ORDER BY created")  # noqa: S608
+    return [ban for ban in map(_ban, rows) if address in ban.network]
 
 
 def lift(conn: sqlite3.Connection, network: IPNetwork, now: float) -> int:
