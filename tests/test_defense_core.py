@@ -1,0 +1,270 @@
+"""The defense core replayed with a fake clock and no sockets: attacks in, verdicts out."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+
+from mailfence.config import DefenseConfig
+from mailfence.defense import Action, AuthAction, Defense
+from mailfence.defense.net import IPAddress
+
+CUSTOMERS = [f"customer{n}@example.com" for n in range(20)]
+
+
+def ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
+def defense(**changes: object) -> Defense:
+    return Defense(dataclasses.replace(DefenseConfig(), **changes))  # type: ignore[arg-type]
+
+
+class Replay:
+    """Drives a Defense like the relay does: connect, AUTH, outcome, disconnect, tick."""
+
+    def __init__(self, core: Defense, users: list[str] | None = None) -> None:
+        self.core = core
+        self.users = set(users or CUSTOMERS)
+        self.now = 1_000_000.0
+        self.hashed = 0
+        self.refused_before_hash = 0
+        self.refused_connections = 0
+        self.guess = 0
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.now += seconds
+        self.core.tick(self.now)
+
+    def login(self, source: str, user: str, correct: bool, password: str | None = None) -> str:
+        """One connection with one AUTH. Returns what the client saw."""
+        address = ip(source)
+        verdict = self.core.on_connect(address, self.now, 0, 1000)
+        if verdict.action is not Action.ALLOW:
+            self.refused_connections += 1
+            return verdict.action.value
+        try:
+            gate = self.core.before_auth(address, user, self.now, 1, user in self.users)
+            if gate.action is not AuthAction.PROCEED:
+                self.refused_before_hash += 1
+                return gate.action.value
+            if correct:
+                self.core.on_auth_success(address, user, self.now)
+                return "ok"
+            self.hashed += user in self.users
+            if password is None:
+                self.guess += 1
+                password = f"guess{self.guess}"
+            self.core.on_auth_failure(address, user, (user, password), self.now, repeated=False)
+            return "wrong"
+        finally:
+            self.core.on_disconnect(address)
+
+
+def test_concentrated_attack_is_banned_after_a_few_guesses() -> None:
+    replay = Replay(defense())
+    outcomes = []
+    for attempt in range(5000):
+        source = f"198.51.100.{attempt % 4 + 1}"  # four addresses, many tries each
+        outcomes.append(replay.login(source, CUSTOMERS[attempt % 20], correct=False))
+        replay.now += 0.01
+    # Each address gets at most ban_after_failures guesses, then it is refused at the door
+    # (the fourth one sooner: three banned addresses get their whole /24 banned).
+    assert 30 < replay.hashed <= 4 * 10
+    assert replay.hashed / 5000 < 0.01
+    assert outcomes[-1] == "banned"
+    ban = replay.core.bans.find(ip("198.51.100.1"), replay.now)
+    assert ban is not None and ban.source == "auto"
+    assert ban.evidence["failures"] == 10
+    assert "customer0@example.com" in ban.evidence["usernames"]
+    assert ban.evidence["first_seen"] <= ban.evidence["last_seen"]
+
+
+def test_several_banned_addresses_ban_their_network() -> None:
+    replay = Replay(defense())
+    for host in (1, 2, 3):
+        for _ in range(10):
+            replay.login(f"198.51.100.{host}", "nobody", correct=False)
+    prefix_ban = replay.core.bans.get(ipaddress.ip_network("198.51.100.0/24"))
+    assert prefix_ban is not None and "3 addresses" in prefix_ban.reason
+    assert replay.login("198.51.100.77", "customer1@example.com", correct=False) == "banned"
+
+
+def test_bans_escalate_and_expire() -> None:
+    core = defense(ban_time=60.0, ban_escalation=4.0, ban_max_time=600.0)
+    replay = Replay(core)
+    lengths = []
+    for _ in range(3):
+        for _ in range(10):
+            replay.login("203.0.113.5", "nobody", correct=False)
+        ban = core.bans.find(ip("203.0.113.5"), replay.now)
+        assert ban is not None and ban.until is not None
+        lengths.append(round(ban.until - replay.now))
+        replay.tick(ban.until - replay.now + 1)  # the ban ends...
+        assert core.bans.find(ip("203.0.113.5"), replay.now) is None
+        replay.tick(core.config.failure_window)  # ...and its failures age out
+    assert lengths == [60, 240, 600]  # each repeat longer, capped
+
+
+def test_distributed_attack_costs_at_most_one_guess_per_source_per_name() -> None:
+    replay = Replay(defense())
+    seen = []
+    for n in range(5000):
+        source = f"127.{70 + n // 2000}.{(n // 200) % 10}.{n % 200 + 1}"
+        for attempt in range(3):  # 1-3 tries per address, then it moves on
+            seen.append(replay.login(source, CUSTOMERS[(n + attempt) % 20], correct=False))
+        replay.now += 0.004
+        replay.core.tick(replay.now)
+    assert replay.core.under_attack
+    assert all(replay.core.username_under_attack(u, replay.now) for u in CUSTOMERS)
+    # Once the names are under attack, a source with a failure behind it is refused before
+    # hashing: each of the 5,000 addresses costs at most one verification.
+    assert replay.hashed <= 5000 + 20 * DefenseConfig().username_attack_sources
+    assert replay.refused_before_hash + replay.refused_connections >= 5000
+
+
+def test_password_spray_does_not_lock_out_the_real_user() -> None:
+    replay = Replay(defense())
+    home = "192.0.2.10"
+    assert replay.login(home, "customer3@example.com", correct=True) == "ok"  # known-good now
+    for n in range(300):  # strangers spray the real name
+        replay.login(f"198.18.{n // 250}.{n % 250 + 1}", "customer3@example.com", correct=False)
+    assert replay.core.username_under_attack("customer3@example.com", replay.now)
+    # A stranger with a failure behind it is refused for that name before hashing...
+    assert replay.login("198.18.0.1", "customer3@example.com", correct=False) == "refuse"
+    # ...while the real user, from a network it has logged in from, is let in as normal.
+    assert replay.core.lane("customer3@example.com", ip(home), replay.now) == "known"
+    assert replay.login(home, "customer3@example.com", correct=True) == "ok"
+    # And a customer logging in for the first time, from a clean address, gets its try.
+    assert replay.login("192.0.2.200", "customer3@example.com", correct=True) == "ok"
+
+
+def test_ipv6_attacker_rotating_inside_one_64_is_counted_as_one_source() -> None:
+    replay = Replay(defense())
+    outcomes = [replay.login(f"2001:db8:1:2::{n:x}", "nobody", correct=False) for n in range(1, 40)]
+    assert outcomes[:10] == ["wrong"] * 10
+    assert set(outcomes[10:]) == {"banned"}
+    ban = replay.core.bans.find(ip("2001:db8:1:2:ffff::1"), replay.now)
+    assert ban is not None and str(ban.network) == "2001:db8:1:2::/64"
+    assert replay.core.bans.find(ip("2001:db8:1:3::1"), replay.now) is None  # the next /64
+
+
+def test_honeypot_name_bans_at_first_try() -> None:
+    replay = Replay(defense())
+    assert replay.login("203.0.113.50", "admin", correct=False) == "refuse"
+    assert replay.hashed == 0
+    assert replay.login("203.0.113.50", "customer1@example.com", correct=True) == "banned"
+
+
+def test_honeypot_name_that_is_a_real_account_is_not_a_trap() -> None:
+    replay = Replay(defense(), users=["admin"])
+    assert replay.login("203.0.113.51", "admin", correct=True) == "ok"
+
+
+def test_natted_customer_retrying_a_stale_password_is_not_banned() -> None:
+    replay = Replay(defense())
+    address = ip("192.0.2.44")
+    for _ in range(500):
+        # The relay's negative cache answers the same wrong password as a repeat.
+        replay.core.on_connect(address, replay.now, 0, 1000)
+        gate = replay.core.before_auth(address, "customer5@example.com", replay.now, 1, True)
+        assert gate.action is AuthAction.PROCEED
+        replay.core.on_auth_failure(
+            address, "customer5@example.com", b"same", replay.now, repeated=False
+        )
+        replay.core.on_disconnect(address)
+        replay.now += 30
+    assert replay.core.bans.find(address, replay.now) is None
+    # Distinct wrong passwords are what count: the same one repeated is one mistake.
+    assert replay.login("192.0.2.44", "customer5@example.com", correct=True) == "ok"
+
+
+def test_repeats_from_the_negative_cache_do_not_count() -> None:
+    core = defense()
+    for _ in range(100):
+        core.on_auth_failure(ip("192.0.2.45"), "u", b"x", 1000.0, repeated=True)
+    assert core.bans.find(ip("192.0.2.45"), 1000.0) is None
+    assert core.counters.auth_failures_repeated == 100
+
+
+def test_allowlist_wins_over_bans_and_limits() -> None:
+    core = defense(allowlist=(ipaddress.ip_network("192.0.2.0/24"),), max_connections_per_ip=1)
+    replay = Replay(core)
+    for _ in range(50):
+        assert replay.login("192.0.2.9", "nobody", correct=False) == "wrong"
+    assert core.bans.find(ip("192.0.2.9"), replay.now) is None
+    for _ in range(5):  # concurrent connections past the per-address limit
+        verdict = core.on_connect(ip("192.0.2.9"), replay.now, 0, 1000)
+        assert verdict.action is Action.ALLOW
+
+
+def test_connection_limits_and_the_known_good_reserve() -> None:
+    core = defense(max_connections_per_ip=2, known_good_reserved=0.2)
+    stranger = ip("198.51.100.9")
+    assert core.on_connect(stranger, 0.0, 0, 100).action is Action.ALLOW
+    assert core.on_connect(stranger, 0.0, 1, 100).action is Action.ALLOW
+    assert core.on_connect(stranger, 0.0, 2, 100).action is Action.LIMIT
+    # 80 of 100 slots taken: the last 20 are for sources customers log in from.
+    assert core.on_connect(ip("198.51.101.9"), 0.0, 80, 100).action is Action.LIMIT
+    core.remember_known_good("customer1@example.com", ipaddress.ip_network("192.0.2.0/24"), 0.0)
+    assert core.on_connect(ip("192.0.2.77"), 0.0, 95, 100).action is Action.ALLOW
+
+
+def test_connection_rate_limit() -> None:
+    core = defense(connection_rate_per_ip=5, connection_rate_window=60.0)
+    address = ip("198.51.100.20")
+    actions = []
+    for second in range(8):
+        actions.append(core.on_connect(address, float(second), 0, 1000).action)
+        core.on_disconnect(address)
+    assert actions[:5] == [Action.ALLOW] * 5
+    assert actions[5:] == [Action.LIMIT] * 3
+    assert core.on_connect(address, 100.0, 0, 1000).action is Action.ALLOW  # the window moved
+
+
+def test_auth_attempts_per_session() -> None:
+    core = defense(auth_attempts_per_session=3)
+    address = ip("198.51.100.30")
+    gates = [core.before_auth(address, "u", 0.0, n, False).action for n in (1, 2, 3, 4)]
+    assert gates == [AuthAction.PROCEED] * 3 + [AuthAction.DISCONNECT]
+
+
+def test_under_attack_mode_has_hysteresis_and_spares_known_good() -> None:
+    core = defense(attack_failures_per_minute=60, attack_exit_after=120.0)
+    replay = Replay(core)
+    assert replay.login("192.0.2.10", "customer1@example.com", correct=True) == "ok"
+    for n in range(80):
+        replay.login(f"198.51.{n}.1", "nobody", correct=False)
+    replay.tick()
+    assert core.under_attack
+    # Strangers get one AUTH per session; the known-good customer keeps three.
+    stranger = core.before_auth(ip("203.0.113.1"), "x", replay.now, 2, False)
+    assert stranger.action is AuthAction.DISCONNECT
+    known = core.before_auth(ip("192.0.2.10"), "customer1@example.com", replay.now, 2, True)
+    assert known.action is AuthAction.PROCEED
+    replay.tick(301)  # the failures and sources age out: calm, but not for long enough yet
+    assert core.under_attack
+    replay.tick(60)
+    assert core.under_attack
+    replay.tick(61)  # calm for the full attack_exit_after
+    assert not core.under_attack
+
+
+def test_monitor_mode_decides_but_enforces_nothing() -> None:
+    core = defense(mode="monitor")
+    replay = Replay(core)
+    outcomes = [replay.login("198.51.100.1", "nobody", correct=False) for _ in range(50)]
+    assert set(outcomes) == {"wrong"}
+    assert replay.login("198.51.100.1", "admin", correct=False) == "wrong"
+    assert len(core.bans) == 0
+    assert core.counters.would_have["ban"] >= 1
+
+
+@pytest.mark.parametrize("text", ["::ffff:198.51.100.1", "198.51.100.1"])
+def test_ipv4_mapped_addresses_count_as_ipv4(text: str) -> None:
+    from mailfence.defense.net import parse_ip
+
+    core = defense()
+    assert str(core.source_of(parse_ip(text))) == "198.51.100.1/32"
