@@ -44,12 +44,12 @@ class Replay:
         verdict = self.core.on_connect(address, self.now, 0, 1000)
         if verdict.action is not Action.ALLOW:
             self.refused_connections += 1
-            return verdict.action.value
+            return str(verdict.action.value)
         try:
             gate = self.core.before_auth(address, user, self.now, 1, user in self.users)
             if gate.action is not AuthAction.PROCEED:
                 self.refused_before_hash += 1
-                return gate.action.value
+                return str(gate.action.value)
             if correct:
                 self.core.on_auth_success(address, user, self.now)
                 return "ok"
