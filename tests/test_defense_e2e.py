@@ -1,0 +1,188 @@
+"""The defense end to end: real sockets, clients bound to many 127.x.y.z source addresses."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailfence.smtp import replies
+from mailfence.testing import RunningRelay, Sink, client_tls_context
+
+from .conftest import ALICE, ALICE_PASSWORD, StartRelay
+
+
+def banner(relay: RunningRelay, source: str) -> bytes:
+    """What a new connection from `source` is told first (before any TLS)."""
+    with socket.create_connection(
+        ("127.0.0.1", relay.starttls_port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        return sock.recv(1024)
+
+
+def session(relay: RunningRelay, source: str) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10, source_address=(source, 0))
+    client.starttls(context=client_tls_context())
+    client.ehlo()
+    return client
+
+
+def auth(client: smtplib.SMTP, user: str, password: str) -> int:
+    blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    code, _ = client.docmd("AUTH", "PLAIN " + blob)
+    return code
+
+
+def guess(relay: RunningRelay, source: str, user: str, password: str) -> int:
+    """One connection, one wrong-password AUTH; returns the reply code (421 if refused)."""
+    try:
+        client = session(relay, source)
+    except (smtplib.SMTPException, OSError):
+        return 421
+    try:
+        return auth(client, user, password)
+    except smtplib.SMTPServerDisconnected:
+        return 421
+    finally:
+        client.close()
+
+
+def send_as_alice(relay: RunningRelay, source: str) -> int:
+    client = session(relay, source)
+    try:
+        assert auth(client, ALICE, ALICE_PASSWORD) == 235
+        client.mail(ALICE)
+        client.rcpt("bob@example.org")
+        return client.data(b"Subject: still here\r\n\r\nhello\r\n")[0]
+    finally:
+        client.close()
+
+
+def cli(relay: RunningRelay, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "cli.toml"
+    config.write_text(f'state_dir = "{relay.config.state_dir}"\n')
+    return subprocess.run(
+        [sys.executable, "-m", "mailfence", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_concentrated_attack_is_banned_and_the_customer_keeps_sending(
+    relay: RunningRelay, sink: Sink
+) -> None:
+    assert send_as_alice(relay, "127.10.0.1") == 250  # alice's network is known-good now
+    codes = [guess(relay, "127.66.0.5", ALICE, f"guess {n}") for n in range(12)]
+    assert codes[:9] == [454] * 9
+    assert 421 in codes[9:]  # the tenth distinct guess bans the source and closes
+    # A banned source is turned away at the door: 421 before TLS or a greeting.
+    assert banner(relay, "127.66.0.5") == replies.BANNED.encode() + b"\r\n"
+    assert send_as_alice(relay, "127.10.0.1") == 250
+    assert len(sink.wait_for(2)) == 2
+
+
+def test_bans_survive_a_restart(start_relay: StartRelay) -> None:
+    relay = start_relay()
+    for n in range(10):
+        guess(relay, "127.66.0.6", "nobody@example.com", f"guess {n}")
+    assert banner(relay, "127.66.0.6").startswith(b"421 ")
+    relay.stop()
+    again = RunningRelay(relay.config).start()
+    try:
+        assert banner(again, "127.66.0.6") == replies.BANNED.encode() + b"\r\n"
+        assert banner(again, "127.66.1.6").startswith(b"220 ")
+    finally:
+        again.stop()
+
+
+def test_cli_ban_applies_to_a_running_relay_within_a_second(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    assert banner(relay, "127.77.0.9").startswith(b"220 ")
+    result = cli(relay, tmp_path, "ban", "127.77.0.0/24", "--permanent", "--reason", "test")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 1.5
+    while banner(relay, "127.77.0.9").startswith(b"220 ") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert banner(relay, "127.77.0.9") == replies.BANNED_PERMANENTLY.encode() + b"\r\n"
+    assert cli(relay, tmp_path, "unban", "127.77.0.0/24").returncode == 0
+    time.sleep(1.5)
+    assert banner(relay, "127.77.0.9").startswith(b"220 ")
+
+
+def test_allowlisted_address_is_never_refused(start_relay: StartRelay, tmp_path: Path) -> None:
+    relay = start_relay(auth={"failure_reply": "permanent"})
+    for n in range(10):
+        guess(relay, "127.88.0.1", "nobody@example.com", f"guess {n}")
+    assert banner(relay, "127.88.0.1").startswith(b"421 ")
+    assert cli(relay, tmp_path, "allow", "add", "127.88.0.0/16").returncode == 0
+    time.sleep(1.5)
+    # The allowlist wins over the ban in force, and over every later failure.
+    codes = [guess(relay, "127.88.0.1", "nobody@example.com", f"more {n}") for n in range(15)]
+    assert set(codes) == {535}  # each one checked as a wrong password; none refused
+    assert banner(relay, "127.88.0.1").startswith(b"220 ")
+
+
+def test_honeypot_name_bans_the_source(relay: RunningRelay) -> None:
+    assert guess(relay, "127.99.0.3", "admin", "admin") == 454
+    assert banner(relay, "127.99.0.3").startswith(b"421 ")
+
+
+def test_session_auth_budget_closes_with_421(relay: RunningRelay) -> None:
+    client = session(relay, "127.55.0.1")
+    assert [auth(client, "nobody@example.com", f"p{n}") for n in range(3)] == [454] * 3
+    client.send(b"AUTH PLAIN " + base64.b64encode(b"\0x\0y") + b"\r\n")
+    assert client.getreply() == (421, replies.TOO_MANY_AUTH_ATTEMPTS[4:].encode())
+    client.close()
+
+
+def test_spray_against_a_real_name_spares_the_real_user(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    # "permanent": a checked wrong password is 535, a refusal before hashing stays 454.
+    relay = start_relay(auth={"failure_reply": "permanent"})
+    assert send_as_alice(relay, "127.10.0.2") == 250
+    # Strangers from many networks each try alice's name once: each is checked...
+    for n in range(8):
+        assert guess(relay, f"127.{120 + n}.0.1", ALICE, f"spray {n}") == 535
+    # ...but her name is now under attack, and a second try from one of them is refused
+    # before any hashing.
+    assert guess(relay, "127.120.0.1", ALICE, "spray again") == 454
+    # Alice, from the network she always uses, logs in and sends as ever.
+    assert send_as_alice(relay, "127.10.0.2") == 250
+    assert len(sink.wait_for(2)) == 2
+
+
+def test_monitor_mode_enforces_nothing(start_relay: StartRelay) -> None:
+    relay = start_relay(defense={"mode": "monitor"}, auth={"failure_reply": "permanent"})
+    codes = [guess(relay, "127.66.0.8", "nobody@example.com", f"g{n}") for n in range(15)]
+    assert set(codes) == {535}  # every guess checked, none refused
+    assert guess(relay, "127.66.0.8", "admin", "admin") == 535
+    assert banner(relay, "127.66.0.8").startswith(b"220 ")
+    assert relay.server.defense.counters.would_have["ban"] >= 1
+
+
+@pytest.mark.parametrize("limit", [2])
+def test_per_address_connection_limit(start_relay: StartRelay, limit: int) -> None:
+    relay = start_relay(defense={"max_connections_per_ip": limit})
+    held = [
+        socket.create_connection(
+            ("127.0.0.1", relay.starttls_port), source_address=("127.44.0.1", 0)
+        )
+        for _ in range(limit)
+    ]
+    try:
+        assert all(sock.recv(1024).startswith(b"220 ") for sock in held)
+        assert banner(relay, "127.44.0.1") == replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+        assert banner(relay, "127.44.0.2").startswith(b"220 ")  # another address is fine
+    finally:
+        for sock in held:
+            sock.close()
