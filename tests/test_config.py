@@ -134,11 +134,11 @@ def test_example_file_documents_exactly_the_defaults(
     monkeypatch.chdir(example.parent)
     # Same values, except where the file's own location makes them differ.
     assert settings.state_dir == example.parent / "mailfence-data"
-    for section in ("listen", "tls", "smtp", "auth", "relay", "spool"):
+    for section in ("listen", "tls", "smtp", "auth", "relay", "spool", "defense"):
         assert getattr(settings, section) == getattr(defaults, section), section
     # Every key the loader knows appears in the example (so none is undocumented).
     text = example.read_text()
-    for section in ("smtp", "auth", "relay", "spool"):
+    for section in ("smtp", "auth", "relay", "spool", "defense"):
         for field in getattr(defaults, section).__dataclass_fields__:
             assert f"\n{field} =" in text or f"\n# {field} =" in text, f"{section}.{field}"
     assert os.path.basename(example) == "mailfence.example.toml"
