@@ -40,6 +40,7 @@ class Listener:
     host: str
     port: int
     tls: TLSMode
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class RelayConfig:
 class DefenseConfig:
     mode: DefenseMode = "enforce"
     allowlist: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
     max_connections_per_ip: int = 20
@@ -323,8 +325,15 @@ def _listeners(source: str, value: Any) -> tuple[Listener, ...]:
                 "address", f"{address!r} is not host:port", 'write "127.0.0.1:2525" or "[::1]:2525"'
             ) from None
         tls = cast(TLSMode, section.text("tls", "starttls", ("starttls", "implicit", "none")))
+        proxy = section.flag("proxy_protocol", False)
+        if proxy and tls == "implicit":
+            raise section.fail(
+                "proxy_protocol",
+                "is not supported on an implicit-TLS listener",
+                "put the proxy in front of a starttls listener, or terminate TLS at the proxy",
+            )
         section.done()
-        result.append(Listener(address, host, port, tls))
+        result.append(Listener(address, host, port, tls, proxy))
     return tuple(result)
 
 
@@ -444,6 +453,7 @@ def _defense(sec: _Section) -> DefenseConfig:
     result = DefenseConfig(
         mode=cast(DefenseMode, sec.text("mode", d.mode, ("enforce", "monitor"))),
         allowlist=_networks(sec, "allowlist"),
+        trusted_proxies=_networks(sec, "trusted_proxies"),
         ipv4_prefix=sec.integer("ipv4_prefix", d.ipv4_prefix, 8, 32),
         ipv6_prefix=sec.integer("ipv6_prefix", d.ipv6_prefix, 16, 128),
         max_connections_per_ip=sec.integer("max_connections_per_ip", d.max_connections_per_ip, 1),

@@ -186,3 +186,72 @@ def test_per_address_connection_limit(start_relay: StartRelay, limit: int) -> No
     finally:
         for sock in held:
             sock.close()
+
+
+def proxied(relay: RunningRelay, header: bytes, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", relay.server.ports[2]), timeout=10, source_address=(source, 0)
+    )
+    sock.sendall(header)
+    return sock
+
+
+@pytest.fixture
+def proxy_relay(start_relay: StartRelay) -> RunningRelay:
+    import dataclasses
+    import ipaddress
+
+    from mailfence.config import Listener
+
+    relay = start_relay()
+    relay.stop()
+    config = relay.config
+    listeners = (*config.listen, Listener("127.0.0.1:0", "127.0.0.1", 0, "starttls", True))
+    defense = dataclasses.replace(
+        config.defense, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),)
+    )
+    return start_relay(dataclasses.replace(config, listen=listeners, defense=defense))
+
+
+def test_proxy_protocol_takes_the_client_address_from_a_trusted_proxy(
+    proxy_relay: RunningRelay, sink: Sink
+) -> None:
+    relay = proxy_relay
+    # A customer behind the proxy: the header names it, and it is served as itself.
+    sock = proxied(relay, b"PROXY TCP4 127.30.0.7 127.0.0.1 40000 587\r\n")
+    assert sock.recv(1024).startswith(b"220 ")
+    sock.close()
+    # Its guesses count against its own address, which gets banned, not the proxy's.
+    for n in range(10):
+        sock = proxied(relay, b"PROXY TCP4 127.31.0.9 127.0.0.1 40000 587\r\n")
+        client = smtplib.SMTP()
+        client.sock, client.file = sock, None
+        client._host = "relay.test"  # type: ignore[attr-defined]  # starttls's SNI name
+        assert client.getreply()[0] == 220
+        client.starttls(context=client_tls_context())
+        client.ehlo()
+        auth(client, "nobody@example.com", f"g{n}")
+        client.close()
+    refused = proxied(relay, b"PROXY TCP4 127.31.0.9 127.0.0.1 40001 587\r\n")
+    assert refused.recv(1024) == replies.BANNED.encode() + b"\r\n"
+    refused.close()
+    other = proxied(relay, b"PROXY TCP4 127.30.0.8 127.0.0.1 40002 587\r\n")
+    assert other.recv(1024).startswith(b"220 ")  # the proxy itself is not banned
+    other.close()
+
+
+def test_proxy_protocol_only_from_trusted_proxies(proxy_relay: RunningRelay) -> None:
+    sock = proxied(proxy_relay, b"PROXY TCP4 127.30.0.7 127.0.0.1 40000 587\r\n", "127.0.0.2")
+    assert closed_without_greeting(sock)  # 127.0.0.2 is no trusted proxy
+    garbage = proxied(proxy_relay, b"HELO not a proxy header\r\n")
+    assert closed_without_greeting(garbage)
+
+
+def closed_without_greeting(sock: socket.socket) -> bool:
+    try:
+        data = sock.recv(1024)
+    except ConnectionResetError:
+        data = b""
+    finally:
+        sock.close()
+    return data == b""

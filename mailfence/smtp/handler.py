@@ -15,13 +15,14 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from mailfence.auth import Authenticator, Outcome
 from mailfence.config import Config
 from mailfence.defense import AuthAction, Ban, Defense
-from mailfence.defense.net import IPNetwork
+from mailfence.defense.net import IPNetwork, parse_ip
 from mailfence.smtp import replies
 from mailfence.smtp.session import RelaySMTP
 from mailfence.spool import Spool, SpoolFull, new_id
@@ -157,6 +158,26 @@ class RelayHandler:
     @staticmethod
     def _failure(reply: str) -> AuthResult:
         return AuthResult(success=False, handled=False, message=reply)
+
+    # --- PROXY protocol -------------------------------------------------------------------
+
+    async def handle_PROXY(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any
+    ) -> bool:
+        """The client's address from a trusted proxy's header goes through the gate."""
+        if server.admit_proxied is None or not proxy_data.valid:
+            return False
+        try:
+            client = parse_ip(str(proxy_data.src_addr))
+        except ValueError:
+            return False
+        refusal = server.admit_proxied(server, client)
+        if refusal is not None:
+            server.close_with(refusal)
+            return False
+        session.peer = cast(Any, (str(client), proxy_data.src_port))
+        server.decide_auth_in_clear()  # plaintext_networks apply to the client, not the proxy
+        return True
 
     # --- envelope ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto as sslproto
 import errno
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from mailfence.defense.net import IPAddress, parse_ip
 from mailfence.smtp import replies
 from mailfence.smtp.handler import RelayHandler
 from mailfence.smtp.session import RelaySMTP
+
+log = logging.getLogger("mailfence.smtp")
 
 
 class ListenError(Exception):
@@ -51,6 +54,9 @@ class GateProtocol(asyncio.Protocol):
         except (TypeError, ValueError, IndexError):
             transport.close()
             return
+        if self.listener.proxy_protocol:
+            self._accept_from_proxy(transport, self.address)
+            return
         verdict = listeners.admit(self.address)
         if verdict.action is not Action.ALLOW:
             self.address = None
@@ -64,6 +70,21 @@ class GateProtocol(asyncio.Protocol):
         else:
             transport.set_protocol(session)
             session.connection_made(transport)
+
+    def _accept_from_proxy(self, transport: asyncio.BaseTransport, proxy: IPAddress) -> None:
+        """A PROXY-protocol listener: only trusted proxies may connect, and the client's own
+        address (known once the header is read) goes through the gate in `handle_PROXY`.
+        The proxy's address is never counted or banned."""
+        listeners = self.listeners
+        if not any(proxy in net for net in listeners.config.defense.trusted_proxies):
+            log.warning("refused %s: not in defense.trusted_proxies", proxy)
+            transport.close()
+            return
+        listeners.open_connections += 1
+        session = listeners.new_proxied_session(self.listener, proxy)
+        self.handed_over = True
+        transport.set_protocol(session)
+        session.connection_made(transport)
 
     def _wrap_in_tls(
         self, transport: asyncio.BaseTransport, session: RelaySMTP, address: IPAddress
@@ -147,6 +168,37 @@ class Listeners:
     def release(self, address: IPAddress) -> None:
         self.open_connections -= 1
         self.defense.on_disconnect(address)
+
+    def release_proxied(self, session: RelaySMTP) -> None:
+        self.open_connections -= 1
+        if session.proxied_admitted:
+            self.defense.on_disconnect(session.address)
+
+    def admit_proxied(self, session: RelaySMTP, client: IPAddress) -> str | None:
+        """The gate for a client behind a proxy. Returns the refusal to send, or None."""
+        max_total = self.config.smtp.max_connections
+        verdict = self.defense.on_connect(client, time.time(), self.open_connections, max_total)
+        if verdict.action is not Action.ALLOW:
+            return _CONNECT_REPLY[verdict.action]
+        session.address = client
+        session.proxied_admitted = True
+        if self.defense.under_attack and not verdict.known_good:
+            session.set_unauthenticated_timeout(self.config.defense.attack_session_timeout)
+        return None
+
+    def new_proxied_session(self, listener: Listener, proxy: IPAddress) -> RelaySMTP:
+        session = RelaySMTP(
+            self.handler,
+            config=self.config,
+            live=self.live,
+            implicit_tls=False,
+            tls_context=self.tls if listener.tls == "starttls" else None,
+            address=proxy,
+            on_close=lambda _: self.release_proxied(session),
+            proxy_protocol_timeout=self.config.smtp.tls_handshake_timeout,
+        )
+        session.admit_proxied = self.admit_proxied
+        return session
 
     def new_session(
         self, listener: Listener, address: IPAddress, verdict: ConnectVerdict

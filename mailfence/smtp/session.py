@@ -49,6 +49,7 @@ class RelaySMTP(SMTP):
         tls_context: Any,
         address: IPAddress,
         on_close: Callable[[IPAddress], None],
+        proxy_protocol_timeout: float | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -60,6 +61,7 @@ class RelaySMTP(SMTP):
             timeout=config.smtp.command_timeout,
             auth_required=True,
             auth_require_tls=True,
+            proxy_protocol_timeout=proxy_protocol_timeout,
         )
         self.config = config
         self.live = live
@@ -67,6 +69,9 @@ class RelaySMTP(SMTP):
         self.address = address  # the client (from the socket, or from a PROXY header)
         self._on_close: Callable[[IPAddress], None] | None = on_close
         self.auth_attempts = 0
+        # Behind a PROXY-protocol listener: the gate for the real client, and whether it ran.
+        self.admit_proxied: Callable[[RelaySMTP, IPAddress], str | None] | None = None
+        self.proxied_admitted = False
         self.started = time.monotonic()
         self.phase = "connect"
         self.busy = False  # a command is being handled (idle sessions may be closed at once)
@@ -107,9 +112,7 @@ class RelaySMTP(SMTP):
         if first:
             self.live.add(self)
             self.phase = "greeting"
-            # aiosmtpd only knows about STARTTLS; AUTH is allowed in the clear only on an
-            # implicit-TLS listener or from a network the operator listed.
-            self._auth_require_tls = not (self.implicit_tls or self._peer_may_auth_in_clear())
+            self.decide_auth_in_clear()
         else:
             self.phase = "tls"
 
@@ -126,6 +129,11 @@ class RelaySMTP(SMTP):
     def authenticated(self) -> None:
         """Called on a successful AUTH: the normal command timeout applies again."""
         self._timeout_duration = self.config.smtp.command_timeout
+
+    def decide_auth_in_clear(self) -> None:
+        # aiosmtpd only knows about STARTTLS; AUTH is allowed in the clear only on an
+        # implicit-TLS listener or from a network the operator listed.
+        self._auth_require_tls = not (self.implicit_tls or self._peer_may_auth_in_clear())
 
     def _peer_may_auth_in_clear(self) -> bool:
         return any(self.address in net for net in self.config.auth.plaintext_networks)
