@@ -1,0 +1,1183 @@
+"""Bot flood: the incident (shared/incident-postmortem.txt) reproduced against `mailfence serve`.
+
+    .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
+        [--baseline 10] [--flood 20] [--recovery 10] [--bots 200] [--bot-processes 2]
+        [--bot-nice 10]
+
+For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
+`auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
+`smtp.max_connections`) relays to Postfix's smtp-sink, and three phases run back to back:
+
+  baseline  legitimate traffic only;
+  flood     legitimate traffic and the bots;
+  recovery  legitimate traffic only again (bans and under-attack mode may still be in force).
+
+Warm-up, before the baseline: each of the 20 customers logs in once, from its own address, with
+the right password. That makes its (user, /24) pair known-good (the relay persists it) and fills
+the credential cache, as months of normal traffic would have; the median AUTH round trip of
+these 20 first logins is one argon2 verification on this machine ("hash time" below).
+
+Legitimate traffic: 20 accounts, 5 messages/s in total (each account one every 4 s), each from
+its own fixed source address 127.10.0.N; every message is one connection: EHLO, STARTTLS, EHLO,
+AUTH PLAIN, MAIL, RCPT, DATA, QUIT. Sent open-loop on a fixed schedule and never retried: a
+message counts as accepted only if its one attempt got the 250. Times are from the start of the
+connect: "auth" to the AUTH reply, "250" to the reply after the final dot.
+
+Bots (flood phase only): --bots concurrent connections in --bot-processes processes, each
+reconnecting at once after its connection ends, with random wrong passwords (never the same
+twice, so the negative cache cannot answer for the hash):
+  concentrated  10 addresses in 127.66.0.0/24, 5 AUTH tries per connection; half the user
+                names tried are the 20 real ones, half random names that do not exist;
+  distributed   5,000 addresses, 100 in each of 50 /24s (127.70.0-49.x), 1-3 tries per
+                connection and then the next address; random names that do not exist;
+  spray         like distributed (127.80.0-49.x), but the names are the 20 real accounts.
+
+Every bot attempt is classed by the answer it got (a connection that ends before its first
+AUTH is one attempt):
+  hashed      535 for an existing user: the password hash was checked (the only class that
+              costs argon2; unknown names never hash);
+  decoy       535 for a name that does not exist (a sleep as long as a hash, no CPU);
+  454         refused before hashing (budget, ban, name under attack, lane full);
+  421 auth    421 or close in answer to AUTH (session budget used up, or just banned);
+  door        421/554 in place of the greeting, a refused or reset connect, or a close before
+              AUTH (bans and connection limits, decided before TLS);
+  timeout     no answer within 30 s (not answered);
+  client      an error on the bots' side (e.g. no local port), not counted as an attempt.
+
+Loop lag: one idle session from the known-good address 127.10.0.1 sends NOOP every 20 ms for the
+whole run; its round trips are reported per phase.
+
+Bot waits: the flood bots time their own answers, but they run niced in saturated processes, so
+their figures include their own loop's lag. What a bot waits for is measured by a sampler: one
+more process, not niced and lightly loaded, that opens 20 bot connections a second during the
+flood (same mode, same addresses and names) and times the greeting (from the start of the
+connect) and each AUTH reply.
+
+CPU: utime + stime from /proc of the `mailfence serve` process and all its descendants (the
+delivery process), sampled at each phase boundary. "per 1,000 refused" is the relay's CPU during
+the flood divided by the bot attempts it answered (all of which were refusals), in ms; "net" first
+subtracts the baseline phase's CPU rate (the legitimate traffic's share).
+
+Goals (the issue), judged per mode (p99 is the nearest rank: with 50 samples a phase it is the
+max, with 100 the second largest):
+  1. 100% of legitimate messages accepted during the flood, with no retry;
+  2. legitimate p99 (auth and 250) in the flood <= 1.5 x baseline;
+  3. back to baseline in recovery, taken as recovery p99 <= 1.25 x baseline p99;
+  4. a bot is never kept waiting because mailfence is busy: the sampler's p99 wait <= 2 x hash
+     time + 50 ms (one verification plus slack: waiting in the verification queue or behind a
+     stalled event loop shows up above it); the count over the limit and the max are shown;
+  5. mailfence's CPU per 1,000 refused bot attempts: reported;
+  6. concentrated mode: < 1% of bot attempts reach the hash (all attempts, door refusals
+     included; the share of those that got as far as an AUTH command is shown too).
+
+The bots run with --bot-nice (default 10) so that on this 2-core machine, where they share the
+CPUs with the relay, they take what the relay leaves rather than half of it: real bots run on
+other machines. Their CPU is reported.
+
+Everything binds to and connects to 127.x addresses (Linux routes 127.0.0.0/8 to lo); every
+loop is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import math
+import multiprocessing
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+HOST = "127.0.0.1"
+RECIPIENT = "sink@example.net"
+CLIENT_HOSTNAME = "client.bench"
+CUSTOMERS = 20
+LEGIT_RATE = 5.0  # messages per second, all customers together
+PROBE_SOURCE = "127.10.0.1"  # a customer's address: known-good after the warm-up
+MODES = ("concentrated", "distributed", "spray")
+PHASES = ("baseline", "flood", "recovery")
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+MAILFENCE = Path(sys.executable).with_name("mailfence")
+READY_TIMEOUT = 60.0  # client processes importing, the relay starting
+COMMAND_TIMEOUT = 30.0  # one SMTP reply
+PROBE_INTERVAL = 0.02
+MAX_REPLY_LINES = 100
+MAX_CONNECTIONS_PER_BOT = 1_000_000  # a count bound on every bot's loop
+MAX_SAMPLES = 200_000  # per list, per process
+STOP_GRACE = 5.0  # after the flood, in-flight bot connections get this long
+SAMPLER_RATE = 20.0  # bot-like connections per second from the (un-niced) sampler
+SAMPLER_CONCURRENCY = 100
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
+ATTEMPT_CLASSES = ("hashed", "decoy", "454", "421 auth", "door", "timeout", "other")
+ANSWERED = ("hashed", "decoy", "454", "421 auth", "door", "other")
+
+
+def customer_name(index: int) -> str:
+    return f"customer{index + 1:02d}@example.com"
+
+
+def customer_source(index: int) -> str:
+    return f"127.10.0.{index + 1}"
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest value with at least `fraction` of them at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)] if ordered else 0.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, deadline: float, alive: subprocess.Popen[bytes]) -> None:
+    while time.monotonic() < deadline:
+        if alive.poll() is not None:
+            raise RuntimeError(f"{alive.args!r} exited with {alive.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {HOST}:{port} after {READY_TIMEOUT:.0f} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc/<pid>/task/*/children (bounded)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 1000:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    return {p: cpu_seconds(p) for p in descendants(pid)}
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    # A process that appeared in between counts from zero; one that ended is lost (the
+    # relay's delivery child lives for the whole run).
+    return sum(value - before.get(p, 0.0) for p, value in after.items())
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """One context per process, not verifying (self-signed relay): no CA loading per connect."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def auth_plain(user: str, password: str) -> bytes:
+    return b"AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode())
+
+
+def build_message(sender: str, serial: int) -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <{RECIPIENT}>\r\nSubject: flood benchmark {serial}\r\n"
+        f"Message-ID: <flood-{serial}-{secrets.token_hex(6)}@client.bench>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        + "A customer's message, sent while the bots knock.\r\n"
+        * 8
+    ).encode("ascii")
+
+
+# --- a minimal SMTP client (asyncio streams): exact timing and every reply code -------------
+
+
+class Closed(Exception):
+    """The server closed the connection (or sent something that is not an SMTP reply)."""
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, source: str, port: int) -> Conn:
+        """A connection to the relay from `source` (a 127.x address)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Let connect() pick the local port per destination: binding first would take one
+            # from the source's whole range at bind time.
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(reader, writer)
+
+    async def reply(self) -> int:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            for _ in range(MAX_REPLY_LINES):
+                line = await self.reader.readline()
+                if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
+                    raise Closed
+                if line[3:4] != b"-":
+                    return int(line[:3])
+        raise Closed
+
+    async def command(self, line: bytes) -> int:
+        self.writer.write(line + b"\r\n")
+        return await self.reply()
+
+    async def starttls(self, tls: ssl.SSLContext) -> None:
+        """EHLO, STARTTLS, the handshake, EHLO again (RFC 3207 §4.2)."""
+        if await self.command(b"EHLO " + CLIENT_HOSTNAME.encode()) != 250:
+            raise Closed
+        if await self.command(b"STARTTLS") != 220:
+            raise Closed
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            await self.writer.start_tls(tls)
+        if await self.command(b"EHLO " + CLIENT_HOSTNAME.encode()) != 250:
+            raise Closed
+
+    def abort(self) -> None:
+        """Close at once with a reset (bots do not say goodbye, and leave no TIME_WAIT)."""
+        with contextlib.suppress(OSError):
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+        self.writer.transport.abort()
+
+    async def quit(self) -> None:
+        with contextlib.suppress(Closed, OSError, TimeoutError):
+            await self.command(b"QUIT")
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
+
+
+# --- the legitimate customers (one process) -------------------------------------------------
+
+
+@dataclass
+class Message:
+    scheduled: float
+    customer: int
+    ok: bool = False
+    failure: str = ""
+    to_auth: float = 0.0
+    to_250: float = 0.0
+
+
+async def send_one(
+    port: int, customer: int, password: str, serial: int, tls: ssl.SSLContext, record: Message
+) -> None:
+    """One message on one connection, never retried."""
+    user = customer_name(customer)
+    stage = "connect"
+    conn: Conn | None = None
+    started = time.perf_counter()
+    try:
+        conn = await Conn.open(customer_source(customer), port)
+        stage = "greeting"
+        if (code := await conn.reply()) != 220:
+            record.failure = f"greeting {code}"
+            return
+        stage = "starttls"
+        await conn.starttls(tls)
+        stage = "auth"
+        code = await conn.command(auth_plain(user, password))
+        record.to_auth = time.perf_counter() - started
+        if code != 235:
+            record.failure = f"auth {code}"
+            return
+        stage = "mail"
+        for line, expected in (
+            (f"MAIL FROM:<{user}>".encode(), 250),
+            (f"RCPT TO:<{RECIPIENT}>".encode(), 250),
+            (b"DATA", 354),
+        ):
+            if (code := await conn.command(line)) != expected:
+                record.failure = f"{line.split(b':')[0].decode()} {code}"
+                return
+        stage = "data"
+        conn.writer.write(build_message(user, serial) + b".\r\n")
+        code = await conn.reply()
+        record.to_250 = time.perf_counter() - started
+        if code != 250:
+            record.failure = f"data {code}"
+            return
+        record.ok = True
+    except (Closed, OSError, ssl.SSLError):
+        record.failure = f"{stage}: connection closed or refused"
+    except TimeoutError:
+        record.failure = f"{stage}: timeout"
+    finally:
+        if conn is not None:
+            await conn.quit()
+
+
+async def probe(port: int, end: float, samples: list[tuple[float, float]]) -> None:
+    """NOOP every 20 ms on one idle session: how quickly the relay's loop answers."""
+    try:
+        conn = await Conn.open(PROBE_SOURCE, port)
+    except OSError:
+        return
+    try:
+        if await conn.reply() != 220:
+            return
+        for _ in range(int((end - time.monotonic()) / PROBE_INTERVAL) + 1):
+            if time.monotonic() >= end:
+                break
+            sent = time.perf_counter()
+            if await conn.command(b"NOOP") != 250:
+                break
+            samples.append((time.monotonic(), time.perf_counter() - sent))
+            await asyncio.sleep(PROBE_INTERVAL)
+    except (Closed, OSError, TimeoutError):
+        pass
+    finally:
+        await conn.quit()
+
+
+async def customers(
+    port: int, passwords: list[str], start: float, end: float
+) -> tuple[list[Message], list[tuple[float, float]]]:
+    tls = client_tls_context()
+    samples: list[tuple[float, float]] = []
+    probing = asyncio.create_task(probe(port, end, samples))
+    records: list[Message] = []
+    tasks: set[asyncio.Task[None]] = set()
+    total = int((end - start) * LEGIT_RATE)
+    for serial in range(total):  # open loop: message n starts at start + n / rate
+        at = start + serial / LEGIT_RATE
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        customer = serial % CUSTOMERS
+        record = Message(scheduled=at, customer=customer)
+        records.append(record)
+        task = asyncio.create_task(
+            send_one(port, customer, passwords[customer], serial, tls, record)
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(tasks, timeout=8 * COMMAND_TIMEOUT)
+    await probing
+    return records, samples
+
+
+def customer_process(
+    port: int,
+    passwords: list[str],
+    ready: multiprocessing.Queue[str],
+    start_queue: multiprocessing.Queue[tuple[float, float]],
+    results: multiprocessing.Queue[dict[str, Any]],
+) -> None:
+    ready.put("ready")
+    start, end = start_queue.get(timeout=READY_TIMEOUT * 5)
+    records, samples = uvloop.run(customers(port, passwords, start, end))
+    results.put(
+        {
+            "messages": [
+                (r.scheduled, r.customer, r.ok, r.failure, r.to_auth, r.to_250) for r in records
+            ],
+            "probe": samples,
+        }
+    )
+
+
+# --- the bots (--bot-processes processes) ---------------------------------------------------
+
+
+@dataclass
+class BotStats:
+    attempts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTEMPT_CLASSES, 0))
+    client_errors: dict[str, int] = field(default_factory=dict)
+    connections: int = 0
+    greeting: list[float] = field(default_factory=list)  # connect start -> greeting
+    auth: dict[str, list[float]] = field(default_factory=dict)  # AUTH sent -> reply, by class
+
+    def count(self, kind: str) -> None:
+        self.attempts[kind] += 1
+
+    def auth_time(self, kind: str, seconds: float) -> None:
+        times = self.auth.setdefault(kind, [])
+        if len(times) < MAX_SAMPLES:
+            times.append(seconds)
+
+
+class BotPlan:
+    """Which source a connection comes from, which names it tries and how often."""
+
+    def __init__(self, mode: str, process_index: int, processes: int) -> None:
+        self.mode = mode
+        self.real = [customer_name(i) for i in range(CUSTOMERS)]
+        if mode == "concentrated":
+            self.sources = [f"127.66.0.{i}" for i in range(1, 11)]
+        else:
+            second = 70 if mode == "distributed" else 80
+            everything = [f"127.{second}.{n}.{h}" for h in range(1, 101) for n in range(50)]
+            # Each process walks its own share, interleaved across the /24s.
+            self.sources = everything[process_index::processes]
+        self.next_source = 0
+
+    def connection(self, rng: random.Random) -> tuple[str, list[str]]:
+        if self.mode == "concentrated":
+            source = rng.choice(self.sources)
+            return source, [self.name(rng) for _ in range(5)]
+        source = self.sources[self.next_source % len(self.sources)]
+        self.next_source += 1
+        return source, [self.name(rng) for _ in range(rng.randint(1, 3))]
+
+    def name(self, rng: random.Random) -> str:
+        if self.mode == "spray" or (self.mode == "concentrated" and rng.random() < 0.5):
+            return rng.choice(self.real)
+        return f"{secrets.token_hex(5)}@example.com"  # no such account
+
+
+async def bot_connection(
+    port: int, source: str, names: list[str], real: set[str], tls: ssl.SSLContext, stats: BotStats
+) -> None:
+    started = time.perf_counter()
+    try:
+        conn = await Conn.open(source, port)
+    except OSError as error:
+        if isinstance(error, ConnectionError):  # refused or reset by the relay: answered
+            stats.count("door")
+        else:
+            key = f"connect: {error.strerror or type(error).__name__}"
+            stats.client_errors[key] = stats.client_errors.get(key, 0) + 1
+        return
+    stats.connections += 1
+    try:
+        await bot_session(conn, started, names, real, tls, stats)
+    finally:
+        conn.abort()
+
+
+async def bot_session(
+    conn: Conn,
+    started: float,
+    names: list[str],
+    real: set[str],
+    tls: ssl.SSLContext,
+    stats: BotStats,
+) -> None:
+    try:
+        code = await conn.reply()
+        if len(stats.greeting) < MAX_SAMPLES:
+            stats.greeting.append(time.perf_counter() - started)
+        if code != 220:
+            stats.count("door")
+            return
+        await conn.starttls(tls)
+    except (Closed, OSError, ssl.SSLError):
+        stats.count("door")
+        return
+    except TimeoutError:
+        stats.count("timeout")
+        return
+    for name in names:
+        sent = time.perf_counter()
+        try:
+            code = await conn.command(auth_plain(name, secrets.token_urlsafe(12)))
+        except (Closed, OSError, ssl.SSLError):
+            stats.auth_time("421 auth", time.perf_counter() - sent)
+            stats.count("421 auth")
+            return
+        except TimeoutError:
+            stats.count("timeout")
+            return
+        if code == 535:
+            kind = "hashed" if name in real else "decoy"
+        elif code == 454:
+            kind = "454"
+        elif code == 421:
+            kind = "421 auth"
+        else:
+            kind = "other"
+        stats.auth_time(kind, time.perf_counter() - sent)
+        stats.count(kind)
+        if code == 421:
+            return
+
+
+async def bot(
+    port: int, plan: BotPlan, end: float, tls: ssl.SSLContext, stats: BotStats, seed: int
+) -> None:
+    rng = random.Random(seed)
+    real = set(plan.real)
+    for _ in range(MAX_CONNECTIONS_PER_BOT):
+        if time.monotonic() >= end:
+            return
+        source, names = plan.connection(rng)
+        await bot_connection(port, source, names, real, tls, stats)
+
+
+async def bots(port: int, plan: BotPlan, count: int, start: float, end: float) -> BotStats:
+    tls = client_tls_context()
+    stats = BotStats()
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    tasks = [
+        asyncio.create_task(bot(port, plan, end, tls, stats, secrets.randbits(64)))
+        for _ in range(count)
+    ]
+    # Past the end and a grace period, whatever is still in flight is abandoned (uncounted).
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, end - time.monotonic()) + STOP_GRACE)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return stats
+
+
+async def sample_bots(port: int, plan: BotPlan, rate: float, start: float, end: float) -> BotStats:
+    """Bot-like connections at a low, fixed rate from a process that is neither niced nor
+    busy: what a bot waits for, without the flood bots' own scheduling delays in it."""
+    tls = client_tls_context()
+    stats = BotStats()
+    rng = random.Random(secrets.randbits(64))
+    real = set(plan.real)
+    plan.next_source = rng.randrange(len(plan.sources))
+    tasks: set[asyncio.Task[None]] = set()
+    for serial in range(int((end - start) * rate)):
+        await asyncio.sleep(max(0.0, start + serial / rate - time.monotonic()))
+        if len(tasks) >= SAMPLER_CONCURRENCY:
+            stats.client_errors["sampler: too many in flight, skipped"] = (
+                stats.client_errors.get("sampler: too many in flight, skipped", 0) + 1
+            )
+            continue
+        source, names = plan.connection(rng)
+        task = asyncio.create_task(bot_connection(port, source, names, real, tls, stats))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return stats
+
+
+def bot_process(
+    port: int,
+    mode: str,
+    index: int,
+    processes: int,
+    count: int,
+    nice: int,
+    sampler_rate: float,
+    ready: multiprocessing.Queue[str],
+    start_queue: multiprocessing.Queue[tuple[float, float]],
+    results: multiprocessing.Queue[dict[str, Any]],
+) -> None:
+    """A flood bot process (`count` connections at once), or the sampler (`sampler_rate`)."""
+    if nice:
+        os.nice(nice)
+    plan = BotPlan(mode, index, processes)
+    ready.put("ready")
+    start, end = start_queue.get(timeout=READY_TIMEOUT * 5)
+    if sampler_rate:
+        stats = uvloop.run(sample_bots(port, plan, sampler_rate, start, end))
+    else:
+        stats = uvloop.run(bots(port, plan, count, start, end))
+    results.put(
+        {
+            "attempts": stats.attempts,
+            "client_errors": stats.client_errors,
+            "connections": stats.connections,
+            "greeting": stats.greeting,
+            "auth": stats.auth,
+        }
+    )
+
+
+# --- the sink and the relay -----------------------------------------------------------------
+
+
+class Sink:
+    """smtp-sink (or benchmarks/sink.py) on a loopback port, throwing every message away."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.output = directory / "sink.out"
+        if Path(SMTP_SINK).exists():
+            # -c: counters on stdout; -m: connections served at once; -u: required as root.
+            command = [SMTP_SINK, "-c", "-m", "1024"]
+            command += ["-u", "nobody"] if os.geteuid() == 0 else []
+            command += [f"{HOST}:{self.port}", "1024"]
+            self.description = "smtp-sink (Postfix)"
+        else:
+            here = Path(__file__).resolve().parent
+            command = [sys.executable, str(here / "sink.py"), str(self.port), "--seconds", "900"]
+            self.description = "benchmarks/sink.py (aiosmtpd)"
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, time.monotonic() + READY_TIMEOUT, self.process)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def write_config(path: Path, state_dir: Path, port: int, sink_port: int) -> None:
+    path.write_text(
+        f'state_dir = "{state_dir}"\n\n'
+        f'[[listen]]\naddress = "{HOST}:{port}"\ntls = "starttls"\n\n'
+        '[smtp]\nhostname = "relay.bench"\nmax_connections = 2000\n\n'
+        # 535 only when a password was really checked (or an unknown name's decoy): countable.
+        '[auth]\nfailure_reply = "permanent"\n\n'
+        f'[relay]\nupstream = "smtp://{HOST}:{sink_port}"\n',
+        encoding="utf-8",
+    )
+
+
+def make_accounts(directory: Path, sink_port: int) -> tuple[Path, list[str]]:
+    """The 20 customers' accounts, in a state directory each mode starts from a copy of."""
+    state_dir = directory / "template-state"
+    config = directory / "template.toml"
+    write_config(config, state_dir, free_port(), sink_port)
+    passwords = [secrets.token_urlsafe(16) for _ in range(CUSTOMERS)]
+    for index, password in enumerate(passwords):  # one at a time: one SQLite writer
+        subprocess.run(
+            [
+                str(MAILFENCE),
+                "users",
+                "add",
+                customer_name(index),
+                "--password-stdin",
+                "--config",
+                str(config),
+            ],
+            input=f"{password}\n".encode(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    return state_dir, passwords
+
+
+class Relay:
+    """`mailfence serve` as a subprocess, with a fresh copy of the accounts' state directory."""
+
+    def __init__(self, directory: Path, template: Path, sink_port: int) -> None:
+        self.port = free_port()
+        self.config = directory / "mailfence.toml"
+        self.state_dir = directory / "state"
+        self.log = directory / "mailfence.log"
+        self.stop_seconds = 0.0
+        shutil.copytree(template, self.state_dir)
+        write_config(self.config, self.state_dir, self.port, sink_port)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [str(MAILFENCE), "serve", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        wait_for_port(self.port, deadline, self.process)
+        while b"mailfence ready" not in self.log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def log_summary(self) -> dict[str, int]:
+        """Errors, bans made (addresses and networks) and under-attack mode changes."""
+        keys = {
+            " ERROR ": "errors",
+            " CRITICAL ": "critical",
+            "Traceback": "tracebacks",
+            "mailfence.smtp: banned ": "bans",
+            "under-attack mode": "under-attack changes",
+        }
+        counts: dict[str, int] = {}
+        for line in self.log.read_text("utf-8", "replace").splitlines():
+            for key, name in keys.items():
+                if key in line:
+                    counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def stop(self) -> int | None:
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.stop_seconds = time.monotonic() - started
+        return self.process.returncode
+
+
+async def warm_up(port: int, passwords: list[str]) -> list[float]:
+    """Each customer logs in once (a real argon2 run each); returns the AUTH round trips."""
+    tls = client_tls_context()
+    times: list[float] = []
+    for index, password in enumerate(passwords):
+        conn = await Conn.open(customer_source(index), port)
+        try:
+            if await conn.reply() != 220:
+                raise RuntimeError("warm-up: no greeting")
+            await conn.starttls(tls)
+            sent = time.perf_counter()
+            code = await conn.command(auth_plain(customer_name(index), password))
+            times.append(time.perf_counter() - sent)
+            if code != 235:
+                raise RuntimeError(f"warm-up: {customer_name(index)} got {code} to AUTH")
+        finally:
+            await conn.quit()
+    await asyncio.sleep(1.5)  # the known-good pairs are written in the background
+    return times
+
+
+# --- one mode -------------------------------------------------------------------------------
+
+
+@dataclass
+class BotSummary:
+    """The bot processes' figures, added up."""
+
+    attempts: dict[str, int]
+    client_errors: dict[str, int]
+    connections: int
+    greeting: list[float]
+    auth: dict[str, list[float]]
+
+    @classmethod
+    def merge(cls, parts: list[dict[str, Any]]) -> BotSummary:
+        summary = cls(dict.fromkeys(ATTEMPT_CLASSES, 0), {}, 0, [], {})
+        for part in parts:
+            for key, value in part["attempts"].items():
+                summary.attempts[key] += value
+            for key, value in part["client_errors"].items():
+                summary.client_errors[key] = summary.client_errors.get(key, 0) + value
+            summary.connections += part["connections"]
+            summary.greeting.extend(part["greeting"])
+            for key, values in part["auth"].items():
+                summary.auth.setdefault(key, []).extend(values)
+        return summary
+
+    @property
+    def answered(self) -> int:
+        return sum(self.attempts[k] for k in ANSWERED)
+
+    @property
+    def auth_commands(self) -> int:
+        return sum(self.attempts[k] for k in ("hashed", "decoy", "454", "421 auth", "other"))
+
+    @property
+    def auth_times(self) -> list[float]:
+        return [x for values in self.auth.values() for x in values]
+
+
+# (scheduled start, customer, accepted, failure, connect->AUTH reply, connect->250)
+MessageRow = tuple[float, int, bool, str, float, float]
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    hash_time: float
+    bounds: list[float]  # monotonic: baseline start, flood start, recovery start, end
+    messages: list[MessageRow]
+    probe: list[tuple[float, float]]
+    cpu: list[float]  # mailfence tree CPU seconds per phase
+    bot_cpu: float
+    bots: BotSummary
+    sampler: BotSummary
+    log: dict[str, int]
+    exit_code: int | None
+
+    def phase_of(self, when: float) -> int:
+        for index in range(3):
+            if when < self.bounds[index + 1]:
+                return index
+        return 2
+
+    def duration(self, phase: int) -> float:
+        return self.bounds[phase + 1] - self.bounds[phase]
+
+
+def known_good_rows(state_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(state_dir / "mailfence.sqlite3", timeout=10)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM known_good").fetchone()[0])
+        except sqlite3.Error:
+            return -1
+
+
+def run_mode(
+    mode: str,
+    args: argparse.Namespace,
+    directory: Path,
+    template: Path,
+    sink: Sink,
+    passwords: list[str],
+) -> ModeResult:
+    context = multiprocessing.get_context("spawn")
+    ready: multiprocessing.Queue[str] = context.Queue()
+    start_queue: multiprocessing.Queue[tuple[float, float]] = context.Queue()
+    bot_start: multiprocessing.Queue[tuple[float, float]] = context.Queue()
+    results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
+    bot_results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
+    sampler_results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
+    relay = Relay(directory / mode, template, sink.port)
+    with stopping(relay):
+        customers_proc = context.Process(
+            target=customer_process,
+            args=(relay.port, passwords, ready, start_queue, results),
+            daemon=True,
+        )
+        per_process = [
+            args.bots // args.bot_processes + (1 if i < args.bots % args.bot_processes else 0)
+            for i in range(args.bot_processes)
+        ]
+        bot_procs = [
+            context.Process(
+                target=bot_process,
+                args=(
+                    *(relay.port, mode, i, args.bot_processes, count, args.bot_nice, 0.0),
+                    *(ready, bot_start, bot_results),
+                ),
+                daemon=True,
+            )
+            for i, count in enumerate(per_process)
+        ]
+        sampler_proc = context.Process(
+            target=bot_process,
+            args=(relay.port, mode, 0, 1, 0, 0, SAMPLER_RATE, ready, bot_start, sampler_results),
+            daemon=True,
+        )
+        processes = [customers_proc, sampler_proc, *bot_procs]
+        for process in processes:
+            process.start()
+        try:
+            warm = asyncio.run(warm_up(relay.port, passwords))
+            for _ in processes:
+                ready.get(timeout=READY_TIMEOUT)
+            print(
+                f"  warm-up: {len(warm)} customers logged in once each from their own address"
+                f" (known-good pairs in the relay's database: {known_good_rows(relay.state_dir)});"
+                " median AUTH round trip (one argon2 verification)"
+                f" {percentile(warm, 0.5) * 1000:.1f} ms",
+                flush=True,
+            )
+            start = time.monotonic() + 1.0
+            bounds = [
+                start,
+                start + args.baseline,
+                start + args.baseline + args.flood,
+                start + args.baseline + args.flood + args.recovery,
+            ]
+            start_queue.put((bounds[0], bounds[3]))
+            for _ in range(len(bot_procs) + 1):
+                bot_start.put((bounds[1], bounds[2]))
+            bot_pids = [p.pid or 0 for p in bot_procs]
+            samples: list[dict[int, float]] = []
+            bot_samples: list[float] = []
+            for index, when in enumerate(bounds):
+                time.sleep(max(0.0, when - time.monotonic()))
+                samples.append(tree_cpu(relay.process.pid))
+                if index in (1, 2):
+                    bot_samples.append(sum(cpu_seconds(pid) for pid in bot_pids))
+                if index < 3:
+                    print(f"  {PHASES[index]}: {bounds[index + 1] - when:.0f} s ...", flush=True)
+            wait = 8 * COMMAND_TIMEOUT + 30
+            bot_parts = [bot_results.get(timeout=wait) for _ in bot_procs]
+            sampler_part = sampler_results.get(timeout=wait)
+            legit = results.get(timeout=wait)
+        finally:
+            for process in processes:
+                process.join(10)
+                if process.is_alive():
+                    process.terminate()
+                    process.join(10)
+    return ModeResult(
+        mode=mode,
+        hash_time=percentile(warm, 0.5),
+        bounds=bounds,
+        messages=[(m[0], m[1], m[2], m[3], m[4], m[5]) for m in legit["messages"]],
+        probe=[(when, rtt) for when, rtt in legit["probe"]],
+        cpu=[cpu_between(samples[i], samples[i + 1]) for i in range(3)],
+        bot_cpu=bot_samples[1] - bot_samples[0],
+        bots=BotSummary.merge(bot_parts),
+        sampler=BotSummary.merge([sampler_part]),
+        log=relay.log_summary(),
+        exit_code=relay.process.returncode,
+    )
+
+
+@contextlib.contextmanager
+def stopping(*things: Sink | Relay) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for thing in things:
+            thing.stop()
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def ms3(values: list[float]) -> str:
+    if not values:
+        return f"{'-':>6} {'-':>6} {'-':>6}"
+    return (
+        f"{percentile(values, 0.5) * 1000:6.1f} {percentile(values, 0.99) * 1000:6.1f}"
+        f" {max(values) * 1000:6.1f}"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+MODE_DESCRIPTION = {
+    "concentrated": "10 addresses in 127.66.0.0/24, 5 AUTH tries per connection,"
+    " half real user names",
+    "distributed": "5,000 addresses in 50 /24s, 1-3 tries per address, names that do not exist",
+    "spray": "5,000 addresses in 50 /24s, 1-3 tries per address, the 20 real user names",
+}
+
+
+def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool | None]]:
+    print()
+    print(f"=== {result.mode}: {args.bots} bot connections, {MODE_DESCRIPTION[result.mode]}")
+    by_phase: list[list[MessageRow]] = [[], [], []]
+    for message in result.messages:
+        by_phase[result.phase_of(message[0])].append(message)
+    lag: list[list[float]] = [[], [], []]
+    for when, rtt in result.probe:
+        if result.bounds[0] <= when:
+            lag[result.phase_of(when)].append(rtt)
+    bots = result.bots
+    answered = bots.answered
+    header = (
+        f"{'phase':<9} {'legit ok':>13}  {'auth p50/p99/max ms':>20}  {'250 p50/p99/max ms':>20}"
+        f"  {'loop lag p50/p99/max':>20}  {'bot/s':>6} {'hashed':>6} {'relay CPU':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    to_auth: list[list[float]] = []
+    to_250: list[list[float]] = []
+    for phase in range(3):
+        messages = by_phase[phase]
+        accepted = sum(1 for m in messages if m[2])
+        to_auth.append([m[4] for m in messages if m[4] > 0])
+        to_250.append([m[5] for m in messages if m[2]])
+        share = accepted / len(messages) * 100 if messages else 0.0
+        bot_rate = answered / result.duration(phase) if phase == 1 else 0.0
+        hashed = bots.attempts["hashed"] if phase == 1 else 0
+        cpu = result.cpu[phase] / result.duration(phase) * 100
+        print(
+            f"{PHASES[phase]:<9} {accepted:>4}/{len(messages):<4}{share:4.0f}%"
+            f"  {ms3(to_auth[phase]):>20}  {ms3(to_250[phase]):>20}  {ms3(lag[phase]):>20}"
+            f"  {bot_rate:6.0f} {hashed:6d} {cpu:8.0f}%"
+        )
+    failures: dict[str, int] = {}
+    for phase in range(3):
+        for m in by_phase[phase]:
+            if not m[2]:
+                key = f"{PHASES[phase]}: {m[3]}"
+                failures[key] = failures.get(key, 0) + 1
+    for key, value in sorted(failures.items()):
+        print(f"  legit failure {key} x{value}")
+    for phase in (1, 2):
+        slowest = sorted(by_phase[phase], key=lambda m: -max(m[4], m[5]))[:3]
+        print(
+            f"  slowest legit messages in the {PHASES[phase]} (seconds into it: auth / 250 ms): "
+            + ", ".join(
+                f"+{m[0] - result.bounds[phase]:.1f} s: {m[4] * 1000:.0f} / {m[5] * 1000:.0f}"
+                for m in slowest
+            )
+        )
+
+    flood_seconds = result.duration(1)
+    print(
+        f"bots (flood, {flood_seconds:.0f} s): {answered} attempts answered"
+        f" ({answered / flood_seconds:.0f}/s) on {bots.connections} connections: "
+        + ", ".join(f"{k} {bots.attempts[k]}" for k in ATTEMPT_CLASSES)
+    )
+    if bots.client_errors:
+        print(f"  bot-side errors (not attempts): {bots.client_errors}")
+    print(
+        f"  as the flood bots saw it (ms, p50 p99 max; includes their own loop's lag):"
+        f" greeting {ms3(bots.greeting)}; AUTH reply {ms3(bots.auth_times)}"
+    )
+    sampler = result.sampler
+    print(
+        f"  sampler bot ({SAMPLER_RATE:g} connections/s, not niced; {sampler.answered} attempts:"
+        + ", ".join(f" {k} {sampler.attempts[k]}" for k in ATTEMPT_CLASSES if sampler.attempts[k])
+        + f"): greeting {ms3(sampler.greeting)}; AUTH reply {ms3(sampler.auth_times)}"
+    )
+    print(
+        "    its AUTH replies by class: "
+        + "; ".join(f"{k} {ms3(v)}" for k, v in sorted(sampler.auth.items()) if v)
+    )
+    if sampler.client_errors:
+        print(f"    sampler-side errors: {sampler.client_errors}")
+    net = result.cpu[1] - result.cpu[0] / result.duration(0) * flood_seconds
+    per_thousand = result.cpu[1] / max(1, answered) * 1e6
+    net_per_thousand = net / max(1, answered) * 1e6
+    print(
+        f"  relay CPU in the flood: {result.cpu[1]:.1f} s"
+        f" ({result.cpu[1] / flood_seconds * 100:.0f}% of one core)"
+        f" = {per_thousand:.0f} ms per 1,000 refused bot attempts"
+        f" ({net_per_thousand:.0f} ms net of the baseline rate); bot processes"
+        f" {result.bot_cpu / flood_seconds * 100:.0f}% of one core (nice {args.bot_nice})"
+    )
+    print(f"  relay log: {result.log or 'nothing notable'}; SIGTERM -> exit {result.exit_code}")
+
+    def p99(values: list[float]) -> float:
+        return percentile(values, 0.99) * 1000
+
+    goals: list[tuple[str, bool | None]] = []
+    flood_msgs = by_phase[1]
+    goals.append(
+        (
+            "100% of legitimate messages accepted in the flood, no retry"
+            f" ({sum(1 for m in flood_msgs if m[2])}/{len(flood_msgs)})",
+            bool(flood_msgs) and all(m[2] for m in flood_msgs),
+        )
+    )
+    goals.append(
+        (
+            f"legit p99 in the flood <= 1.5x baseline (auth {p99(to_auth[1]):.1f} vs"
+            f" {p99(to_auth[0]):.1f} ms, 250 {p99(to_250[1]):.1f} vs {p99(to_250[0]):.1f} ms)",
+            all(bool(x[1]) and p99(x[1]) <= 1.5 * p99(x[0]) for x in (to_auth, to_250)),
+        )
+    )
+    goals.append(
+        (
+            f"legit p99 back to baseline in recovery, <= 1.25x (auth {p99(to_auth[2]):.1f},"
+            f" 250 {p99(to_250[2]):.1f} ms)",
+            all(bool(x[2]) and p99(x[2]) <= 1.25 * p99(x[0]) for x in (to_auth, to_250)),
+        )
+    )
+    limit = 2 * result.hash_time + 0.050
+    waits = sampler.greeting + sampler.auth_times
+    over = sum(1 for x in waits if x > limit)
+    goals.append(
+        (
+            f"a bot is never kept waiting (sampler): p99 of its waits {p99(waits):.1f} ms <="
+            f" {limit * 1000:.0f} ms (2 x hash + 50 ms); {over} of {len(waits)} over,"
+            f" max {max(waits, default=0.0) * 1000:.0f} ms",
+            bool(waits) and percentile(waits, 0.99) <= limit,
+        )
+    )
+    goals.append(
+        (
+            f"relay CPU per 1,000 refused bot attempts: {per_thousand:.0f} ms"
+            f" ({net_per_thousand:.0f} ms net)",
+            None,
+        )
+    )
+    hashed = bots.attempts["hashed"]
+    share_all = hashed / max(1, answered) * 100
+    share_auth = hashed / max(1, bots.auth_commands) * 100
+    text = (
+        f"< 1% of bot attempts reach the hash: {hashed} of {answered} = {share_all:.2f}%"
+        f" (of the {bots.auth_commands} that got as far as an AUTH command: {share_auth:.1f}%)"
+    )
+    if result.mode == "concentrated":
+        goals.append((text, answered > 0 and share_all < 1.0))
+    else:
+        goals.append((text + " [goal set for concentrated mode only]", None))
+    print("goals:")
+    for label, met in goals:
+        mark = "reported" if met is None else verdict(met)
+        print(f"  [{mark}] {label}")
+    return goals
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    parser.add_argument("--baseline", type=float, default=10.0, help="seconds")
+    parser.add_argument("--flood", type=float, default=20.0, help="seconds")
+    parser.add_argument("--recovery", type=float, default=10.0, help="seconds")
+    parser.add_argument("--bots", type=int, default=200, help="concurrent bot connections")
+    parser.add_argument("--bot-processes", type=int, default=2)
+    parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    for name in ("baseline", "flood", "recovery"):
+        if not 1.0 <= getattr(args, name) <= 600.0:
+            parser.error(f"--{name} must be from 1 to 600 seconds")
+    if not 1 <= args.bots <= 5000 or not 1 <= args.bot_processes <= 16:
+        parser.error("--bots must be 1..5000 and --bot-processes 1..16")
+    args.bot_processes = min(args.bot_processes, args.bots)
+    modes = MODES if args.mode == "all" else (args.mode,)
+
+    directory = Path(tempfile.mkdtemp(prefix="mailfence-flood-"))
+    summary: list[tuple[str, list[tuple[str, bool | None]]]] = []
+    try:
+        sink = Sink(directory)
+        with stopping(sink):
+            print(f"upstream: {sink.description}; {os.cpu_count()} CPUs", flush=True)
+            print(f"creating {CUSTOMERS} accounts ...", flush=True)
+            template, passwords = make_accounts(directory, sink.port)
+            for mode in modes:
+                print(f"mode {mode}: fresh relay state", flush=True)
+                result = run_mode(mode, args, directory, template, sink, passwords)
+                summary.append((mode, report(result, args)))
+        print()
+        print("summary")
+        for mode, goals in summary:
+            marks = ", ".join(
+                f"{i + 1} {'reported' if ok is None else verdict(ok)}"
+                for i, (_, ok) in enumerate(goals)
+            )
+            print(f"  {mode:<13} {marks}")
+    finally:
+        if args.keep:
+            print(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
