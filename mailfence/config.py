@@ -67,7 +67,7 @@ class AuthConfig:
     plaintext_networks: tuple[IPNetwork, ...] = ()
     failure_reply: FailureReply = "temporary"
     verify_threads: int = 2
-    verify_queue: int = 32
+    verify_queue: int = 4
     verify_queue_known: int = 256
     cache_ttl: float = 3600.0
     argon2_time_cost: int = 2
@@ -108,6 +108,7 @@ class DefenseConfig:
     connection_rate_per_ip: int = 60
     connection_rate_per_prefix: int = 300
     connection_rate_window: float = 60.0
+    unknown_connections_per_second: int = 100
     known_good_reserved: float = 0.2
     known_good_window: float = 30 * 86400.0
     auth_attempts_per_session: int = 3
@@ -465,6 +466,9 @@ def _defense(sec: _Section) -> DefenseConfig:
             "connection_rate_per_prefix", d.connection_rate_per_prefix, 1
         ),
         connection_rate_window=sec.duration("connection_rate_window", d.connection_rate_window),
+        unknown_connections_per_second=sec.integer(
+            "unknown_connections_per_second", d.unknown_connections_per_second, 1
+        ),
         known_good_reserved=sec.number("known_good_reserved", d.known_good_reserved, 0.0, 0.9),
         known_good_window=sec.duration("known_good_window", d.known_good_window),
         auth_attempts_per_session=sec.integer(

@@ -108,8 +108,13 @@ def test_bans_escalate_and_expire() -> None:
     assert lengths == [60, 240, 600]  # each repeat longer, capped
 
 
+# The replays below run faster than real time; the strangers' overall connection rate (its
+# own test below) is lifted so that they exercise the per-name and per-source logic.
+UNLIMITED_STRANGERS = {"unknown_connections_per_second": 10**9}
+
+
 def test_distributed_attack_costs_at_most_one_guess_per_source_per_name() -> None:
-    replay = Replay(defense())
+    replay = Replay(defense(**UNLIMITED_STRANGERS))
     seen = []
     for n in range(5000):
         source = f"127.{70 + n // 2000}.{(n // 200) % 10}.{n % 200 + 1}"
@@ -126,7 +131,7 @@ def test_distributed_attack_costs_at_most_one_guess_per_source_per_name() -> Non
 
 
 def test_password_spray_does_not_lock_out_the_real_user() -> None:
-    replay = Replay(defense())
+    replay = Replay(defense(**UNLIMITED_STRANGERS))
     home = "192.0.2.10"
     assert replay.login(home, "customer3@example.com", correct=True) == "ok"  # known-good now
     for n in range(300):  # strangers spray the real name
@@ -222,6 +227,20 @@ def test_connection_rate_limit() -> None:
     assert actions[:5] == [Action.ALLOW] * 5
     assert actions[5:] == [Action.LIMIT] * 3
     assert core.on_connect(address, 100.0, 0, 1000).action is Action.ALLOW  # the window moved
+
+
+def test_strangers_share_one_connection_rate_and_customers_are_exempt() -> None:
+    core = defense(unknown_connections_per_second=50)
+    core.remember_known_good("customer1@example.com", ipaddress.ip_network("192.0.2.0/24"), 0.0)
+    actions = []
+    for n in range(80):  # 80 different addresses in one second: no single one is over
+        address = ip(f"127.{70 + n // 250}.{n % 250}.1")
+        actions.append(core.on_connect(address, 10.0, 0, 1000).action)
+        core.on_disconnect(address)
+    assert actions.count(Action.ALLOW) == 50
+    assert actions[50:] == [Action.LIMIT] * 30
+    assert core.on_connect(ip("192.0.2.9"), 10.0, 0, 1000).action is Action.ALLOW
+    assert core.on_connect(ip("127.99.0.1"), 11.5, 0, 1000).action is Action.ALLOW
 
 
 def test_auth_attempts_per_session() -> None:

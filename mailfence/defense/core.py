@@ -85,6 +85,7 @@ class Defense:
         window = config.failure_window
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
+        self._rate_unknown: EventWindow[str] = EventWindow(1.0, cap=1_000_000)
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -153,6 +154,10 @@ class Defense:
         source, prefix = self.source_of(address), self.prefix_of(address)
         config = self.config
         if not known:
+            # All strangers together: a flood from thousands of addresses never reaches any
+            # one address's limit, but each admitted connection costs a TLS handshake.
+            if self._rate_unknown.add("all", now) > config.unknown_connections_per_second:
+                return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
             # A share of the slots is kept for sources customers have logged in from.
             if live_total >= max_total * (1.0 - config.known_good_reserved):
                 return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
