@@ -18,10 +18,10 @@ import secrets
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import argon2
 
@@ -61,6 +61,7 @@ class Verdict:
     cached: bool = False
     fingerprint: bytes = b""  # keyed HMAC of (user, password): counts distinct guesses
     repeated: bool = False  # the same wrong password again, answered from the negative cache
+    lane: str = ""  # the verification lane it went through ("" when answered from a cache)
 
 
 class Accounts:
@@ -153,67 +154,102 @@ class CredentialCache:
         return len(self._entries)
 
 
-def _bounded_put(table: dict[bytes, Any], limit: int, key: bytes, value: Any) -> None:
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _bounded_put(table: dict[K, V], limit: int, key: K, value: V) -> None:
     if key not in table and len(table) >= limit:
         # Drop the oldest insertion: dicts keep order, so this is O(1).
         del table[next(iter(table))]
     table[key] = value
 
 
+# Lanes in the order they are served. "retry": a stranger told BUSY before, back with the
+# same user and password from the same source (a real server retrying; a bot guesses anew).
+LANES = ("known", "retry", "unknown")
+RETRY_QUEUE = 32
+RETRY_TICKET_SECONDS = 600.0
+RETRY_TICKET_MIN_AGE = 1.0  # concurrent copies of one attempt are not retries
+MAX_RETRY_TICKETS = 10_000
+
+
 class VerificationPool:
-    """argon2 on a fixed number of threads, fed by two bounded lanes.
+    """argon2 on a fixed number of threads, fed by bounded lanes.
 
     The known-good lane (a user logging in from a network it has used before) is always
-    served first; the unknown lane takes what is left. A lane whose queue is full answers at
+    served first and may use every thread; strangers (the retry and unknown lanes) may hold
+    at most `unknown_threads` of them, so strangers can never fill every core: a customer's
+    verification (and the event loop) always find CPU. A lane whose queue is full answers at
     once (BUSY): nobody waits in a line they cannot see the end of.
     """
 
     def __init__(
-        self, hasher: argon2.PasswordHasher, threads: int, known_queue: int, unknown_queue: int
+        self,
+        hasher: argon2.PasswordHasher,
+        threads: int,
+        known_queue: int,
+        unknown_queue: int,
+        unknown_threads: int | None = None,
     ) -> None:
         self._hasher = hasher
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mailfence-verify")
         self.threads = threads
+        self.unknown_threads = min(threads, unknown_threads or threads)
         self.busy = 0
-        self.limits = {"known": known_queue, "unknown": unknown_queue}
-        self.waiting: dict[str, deque[asyncio.Future[None]]] = {
-            "known": deque(),
-            "unknown": deque(),
-        }
+        self.busy_by_lane = dict.fromkeys(LANES, 0)
+        self.limits = {"known": known_queue, "retry": RETRY_QUEUE, "unknown": unknown_queue}
+        self.waiting: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
         # Recent verification times, used to make a login for an unknown user take as long.
         self.recent_seconds: deque[float] = deque(maxlen=64)
+        # Time spent waiting for a thread, per lane (the last 256): `top` shows its p99.
+        self.recent_waits: dict[str, deque[float]] = {lane: deque(maxlen=256) for lane in LANES}
 
     @property
     def in_flight(self) -> int:
         return self.busy + sum(len(q) for q in self.waiting.values())
 
+    def _can_start(self, lane: str) -> bool:
+        if self.busy >= self.threads:
+            return False
+        strangers = self.busy_by_lane["retry"] + self.busy_by_lane["unknown"]
+        return lane == "known" or strangers < self.unknown_threads
+
     def full(self, lane: str = "unknown") -> bool:
-        return self.busy >= self.threads and len(self.waiting[lane]) >= self.limits[lane]
+        return not self._can_start(lane) and len(self.waiting[lane]) >= self.limits[lane]
+
+    def _take(self, lane: str) -> None:
+        self.busy += 1
+        self.busy_by_lane[lane] += 1
 
     async def _acquire(self, lane: str) -> None:
-        if self.busy < self.threads:
-            self.busy += 1
+        if self._can_start(lane):
+            self._take(lane)
+            self.recent_waits[lane].append(0.0)
             return
+        started = time.perf_counter()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiting[lane].append(waiter)
         try:
-            await waiter  # the releasing verification hands its slot over
+            await waiter  # the releasing verification hands a slot over (already taken)
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # we were handed a slot but will not use it
+                self._release(lane)  # we were handed a slot but will not use it
             else:
                 self.waiting[lane].remove(waiter)
             raise
+        self.recent_waits[lane].append(time.perf_counter() - started)
 
-    def _release(self) -> None:
-        for lane in ("known", "unknown"):  # known-good first, always
-            queue = self.waiting[lane]
-            while queue:
+    def _release(self, lane: str) -> None:
+        self.busy -= 1
+        self.busy_by_lane[lane] -= 1
+        for next_lane in LANES:  # known-good first, always; then strangers who retried
+            queue = self.waiting[next_lane]
+            while queue and self._can_start(next_lane):
                 waiter = queue.popleft()
                 if not waiter.done():
+                    self._take(next_lane)
                     waiter.set_result(None)
-                    return
-        self.busy -= 1
 
     async def verify(self, password_hash: str, password: bytes, lane: str = "unknown") -> bool:
         await self._acquire(lane)
@@ -226,7 +262,7 @@ class VerificationPool:
             self.recent_seconds.append(time.perf_counter() - started)
             return ok
         finally:
-            self._release()
+            self._release(lane)
 
     def decoy_delay(self) -> float:
         """How long a real verification takes now, drawn from recent ones."""
@@ -243,8 +279,38 @@ class Authenticator:
         self.accounts = accounts
         self.cache = cache
         self.pool = pool
+        # (source, fingerprint) refused for load or suspicion -> when. A retry of the same
+        # credentials from the same source, at least RETRY_TICKET_MIN_AGE later and within
+        # RETRY_TICKET_SECONDS, is served ahead of strangers.
+        self.retry_tickets: dict[tuple[Hashable, bytes], float] = {}
 
-    async def check(self, name: str, password: bytes, lane: str = "unknown") -> Verdict:
+    def _lane_for(self, lane: str, source: Hashable | None, key: bytes, now: float) -> str:
+        if lane != "unknown" or source is None:
+            return lane
+        issued = self.retry_tickets.get((source, key))
+        if issued is None or now - issued < RETRY_TICKET_MIN_AGE:
+            return lane  # none, or a concurrent attempt rather than a retry
+        del self.retry_tickets[(source, key)]
+        return "retry" if now - issued <= RETRY_TICKET_SECONDS else lane
+
+    def _issue_ticket(self, source: Hashable | None, key: bytes, now: float) -> None:
+        if source is not None and (source, key) not in self.retry_tickets:
+            _bounded_put(self.retry_tickets, MAX_RETRY_TICKETS, (source, key), now)
+
+    def issue(self, name: str, password: bytes, source: Hashable) -> None:
+        """A refusal a retry may lift: remember these credentials from this source."""
+        self._issue_ticket(source, self.cache.fingerprint(name, password), time.monotonic())
+
+    def redeem(self, name: str, password: bytes, source: Hashable) -> bool:
+        """True (once) when these credentials were refused from this source before."""
+        key = self.cache.fingerprint(name, password)
+        return self._lane_for("unknown", source, key, time.monotonic()) == "retry"
+
+    async def check(
+        self, name: str, password: bytes, lane: str = "unknown", source: Hashable | None = None
+    ) -> Verdict:
+        """`source` (the client's address or /64) lets a stranger told BUSY retry ahead of
+        the flood: a first-time customer gets through on its next try."""
         now = time.monotonic()
         user = self.accounts.get(name)
         if user is not None and self.cache.hit(user, password, now):
@@ -252,21 +318,24 @@ class Authenticator:
         key = self.cache.fingerprint(name, password)
         if self.cache.failed_before(key, user, now):
             return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, repeated=True)
+        lane = self._lane_for(lane, source, key, now)
         if self.pool.full(lane):
-            return Verdict(Outcome.BUSY)
+            if lane != "known":
+                self._issue_ticket(source, key, now)
+            return Verdict(Outcome.BUSY, lane=lane)
         if user is None:
             # No hash to check, but the answer must not come back faster than a real one
             # would: sleep (no CPU) for as long as a verification takes.
             await asyncio.sleep(self.pool.decoy_delay())
             self.cache.remember_failure(key, None, now)
-            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
         if not await self.pool.verify(user.password_hash, password, lane):
             self.cache.remember_failure(key, user, now)
-            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
         current = self.accounts.get(name)  # the account may have changed while we hashed
         if current is None or current.password_hash != user.password_hash:
-            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key)
+            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
         if current.disabled:
-            return Verdict(Outcome.DISABLED, current)
+            return Verdict(Outcome.DISABLED, current, lane=lane)
         self.cache.remember(current, password, now)
-        return Verdict(Outcome.OK, current)
+        return Verdict(Outcome.OK, current, lane=lane)

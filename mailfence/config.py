@@ -67,6 +67,7 @@ class AuthConfig:
     plaintext_networks: tuple[IPNetwork, ...] = ()
     failure_reply: FailureReply = "temporary"
     verify_threads: int = 2
+    verify_threads_unknown: int = 1
     verify_queue: int = 4
     verify_queue_known: int = 256
     cache_ttl: float = 3600.0
@@ -386,6 +387,9 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
             sec.text("failure_reply", a.failure_reply, ("temporary", "permanent")),
         ),
         verify_threads=sec.integer("verify_threads", a.verify_threads, 1, 256),
+        verify_threads_unknown=sec.integer(
+            "verify_threads_unknown", a.verify_threads_unknown, 1, 256
+        ),
         verify_queue=sec.integer("verify_queue", a.verify_queue, 0, 100000),
         verify_queue_known=sec.integer("verify_queue_known", a.verify_queue_known, 0, 100000),
         cache_ttl=sec.duration("cache_ttl", a.cache_ttl, 0.0),

@@ -12,6 +12,7 @@ import logging
 import signal
 import sqlite3
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from mailfence.store import defense as defense_table
 log = logging.getLogger("mailfence")
 
 TICK = 0.1
+SWITCH_INTERVAL = 0.001
 
 
 class StartupError(Exception):
@@ -73,6 +75,10 @@ class Server:
 
     def run(self) -> None:
         """Blocks until the relay has stopped. Raises StartupError if it cannot start."""
+        # The spool's writer thread gives up the GIL on every SQLite call and then waits a
+        # whole switch interval (5 ms by default) to get it back from a busy event loop: a
+        # commit of ten calls could take 50 ms under a flood. 1 ms bounds that convoy.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         uvloop.run(self.serve())
 
     async def serve(self) -> None:
@@ -105,7 +111,11 @@ class Server:
         self.accounts: Accounts = accounts_from_database(str(config.database_path))
         await self.accounts.reload()
         self.pool = VerificationPool(
-            make_hasher(auth), auth.verify_threads, auth.verify_queue_known, auth.verify_queue
+            make_hasher(auth),
+            auth.verify_threads,
+            auth.verify_queue_known,
+            auth.verify_queue,
+            auth.verify_threads_unknown,
         )
         self.cache = CredentialCache(auth.cache_ttl, config.defense.negative_cache_ttl)
         self.authenticator = Authenticator(self.accounts, self.cache, self.pool)

@@ -18,6 +18,11 @@ def ip(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
+# The replays below run faster than real time; the strangers' overall connection rate (its
+# own test below) is lifted so that they exercise the per-name and per-source logic.
+UNLIMITED_STRANGERS = {"unknown_connections_per_second": 10**9}
+
+
 def defense(**changes: object) -> Defense:
     return Defense(dataclasses.replace(DefenseConfig(), **changes))  # type: ignore[arg-type]
 
@@ -83,7 +88,7 @@ def test_concentrated_attack_is_banned_after_a_few_guesses() -> None:
 
 
 def test_several_banned_addresses_ban_their_network() -> None:
-    replay = Replay(defense())
+    replay = Replay(defense(**UNLIMITED_STRANGERS))
     for host in (1, 2, 3):
         for _ in range(10):
             replay.login(f"198.51.100.{host}", "nobody", correct=False)
@@ -108,11 +113,6 @@ def test_bans_escalate_and_expire() -> None:
     assert lengths == [60, 240, 600]  # each repeat longer, capped
 
 
-# The replays below run faster than real time; the strangers' overall connection rate (its
-# own test below) is lifted so that they exercise the per-name and per-source logic.
-UNLIMITED_STRANGERS = {"unknown_connections_per_second": 10**9}
-
-
 def test_distributed_attack_costs_at_most_one_guess_per_source_per_name() -> None:
     replay = Replay(defense(**UNLIMITED_STRANGERS))
     seen = []
@@ -124,8 +124,8 @@ def test_distributed_attack_costs_at_most_one_guess_per_source_per_name() -> Non
         replay.core.tick(replay.now)
     assert replay.core.under_attack
     assert all(replay.core.username_under_attack(u, replay.now) for u in CUSTOMERS)
-    # Once the names are under attack, a source with a failure behind it is refused before
-    # hashing: each of the 5,000 addresses costs at most one verification.
+    # Once the names are under attack, strangers are refused before hashing: the 5,000
+    # addresses cost at most a handful of verifications each name before that.
     assert replay.hashed <= 5000 + 20 * DefenseConfig().username_attack_sources
     assert replay.refused_before_hash + replay.refused_connections >= 5000
 
@@ -142,8 +142,12 @@ def test_password_spray_does_not_lock_out_the_real_user() -> None:
     # ...while the real user, from a network it has logged in from, is let in as normal.
     assert replay.core.lane("customer3@example.com", ip(home), replay.now) == "known"
     assert replay.login(home, "customer3@example.com", correct=True) == "ok"
-    # And a customer logging in for the first time, from a clean address, gets its try.
+    # So is a new address of the same network.
     assert replay.login("192.0.2.200", "customer3@example.com", correct=True) == "ok"
+    # A login from a network never used is refused before hashing, in a way its server's
+    # retry may lift (the authenticator's retry ticket, tested end to end).
+    gate = replay.core.before_auth(ip("203.0.113.7"), "customer3@example.com", replay.now, 1, True)
+    assert gate.action is AuthAction.REFUSE and gate.retry_allowed
 
 
 def test_ipv6_attacker_rotating_inside_one_64_is_counted_as_one_source() -> None:
@@ -232,15 +236,23 @@ def test_connection_rate_limit() -> None:
 def test_strangers_share_one_connection_rate_and_customers_are_exempt() -> None:
     core = defense(unknown_connections_per_second=50)
     core.remember_known_good("customer1@example.com", ipaddress.ip_network("192.0.2.0/24"), 0.0)
-    actions = []
-    for n in range(80):  # 80 different addresses in one second: no single one is over
-        address = ip(f"127.{70 + n // 250}.{n % 250}.1")
-        actions.append(core.on_connect(address, 10.0, 0, 1000).action)
+
+    def stranger(n: int, when: float) -> Action:
+        address = ip(f"127.{70 + n // 250}.{n % 250}.1")  # no single address is over its limit
+        action = core.on_connect(address, when, 0, 1000).action
         core.on_disconnect(address)
-    assert actions.count(Action.ALLOW) == 50
-    assert actions[50:] == [Action.LIMIT] * 30
-    assert core.on_connect(ip("192.0.2.9"), 10.0, 0, 1000).action is Action.ALLOW
-    assert core.on_connect(ip("127.99.0.1"), 11.5, 0, 1000).action is Action.ALLOW
+        return action
+
+    # 160 different addresses over two seconds: about 50 a second get in, the rest are told 421.
+    actions = [stranger(n, 10.0 + n / 80) for n in range(160)]
+    assert 100 <= actions.count(Action.ALLOW) <= 100 + 5
+    assert Action.LIMIT in actions[:80] and Action.LIMIT in actions[80:]
+    # All at one instant: only a tenth of a second's worth, so their TLS handshakes do not
+    # land on the event loop together.
+    burst = [stranger(1000 + n, 20.0) for n in range(50)]
+    assert burst.count(Action.ALLOW) == 5
+    assert core.on_connect(ip("192.0.2.9"), 20.0, 0, 1000).action is Action.ALLOW  # customer
+    assert stranger(2000, 20.5) is Action.ALLOW  # the bucket refills
 
 
 def test_auth_attempts_per_session() -> None:
@@ -251,7 +263,7 @@ def test_auth_attempts_per_session() -> None:
 
 
 def test_under_attack_mode_has_hysteresis_and_spares_known_good() -> None:
-    core = defense(attack_failures_per_minute=60, attack_exit_after=120.0)
+    core = defense(attack_failures_per_minute=60, attack_exit_after=120.0, **UNLIMITED_STRANGERS)
     replay = Replay(core)
     assert replay.login("192.0.2.10", "customer1@example.com", correct=True) == "ok"
     for n in range(80):
@@ -287,3 +299,45 @@ def test_ipv4_mapped_addresses_count_as_ipv4(text: str) -> None:
 
     core = defense()
     assert str(core.source_of(parse_ip(text))) == "198.51.100.1/32"
+
+
+def test_the_address_cache_is_bounded() -> None:
+    from mailfence.defense import core
+
+    defense = Defense(DefenseConfig())
+    for n in range(core.NETWORK_CACHE_SIZE + 100):
+        address = ipaddress.IPv4Address(0x0A000000 + n)
+        assert defense.prefix_of(address) == ipaddress.IPv4Network((address, 24), strict=False)
+    assert 0 < len(defense._network_cache) <= core.NETWORK_CACHE_SIZE
+
+
+def test_a_new_customer_refused_at_the_door_in_a_flood_gets_in_on_retry() -> None:
+    core = defense(unknown_connections_per_second=100)
+    bots = [ip(f"127.80.{n % 50}.{n // 50 + 1}") for n in range(5000)]
+    customer = ip("198.51.100.200")
+    sent = 0
+    seen: dict[str, list[Action]] = {"customer": [], "bots": []}
+    for tenth in range(300):  # 30 seconds of 1,000 bot connections a second, all at once
+        now = 1000.0 + tenth / 10
+        for _ in range(100):
+            address = bots[sent % len(bots)]
+            sent += 1
+            action = core.on_connect(address, now, 0, 1000).action
+            seen["bots"].append(action)
+            if action is Action.ALLOW:
+                core.on_disconnect(address)
+        if tenth in (5, 200):  # the customer's first try, then its server's retry 19.5 s later
+            seen["customer"].append(core.on_connect(customer, now, 0, 1000).action)
+    assert seen["customer"] == [Action.LIMIT, Action.ALLOW]
+    # Bots reconnecting at once never count as patient: strangers stay at their rate.
+    admitted = seen["bots"].count(Action.ALLOW)
+    assert admitted <= 100 * 30 + 10
+
+
+def test_the_door_memory_of_refused_strangers_is_bounded() -> None:
+    from mailfence.defense import core as core_module
+
+    core = defense(unknown_connections_per_second=1)
+    for n in range(core_module.MAX_REMEMBERED_REFUSALS + 50):
+        core.on_connect(ipaddress.IPv4Address(0x0B000000 + n), 5.0, 0, 1000)
+    assert len(core._door_refused) <= core_module.MAX_REMEMBERED_REFUSALS

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from mailfence.auth import RETRY_TICKET_MIN_AGE
 from mailfence.smtp import replies
 from mailfence.testing import RunningRelay, Sink, client_tls_context
 
@@ -150,12 +153,16 @@ def test_spray_against_a_real_name_spares_the_real_user(
     # "permanent": a checked wrong password is 535, a refusal before hashing stays 454.
     relay = start_relay(auth={"failure_reply": "permanent"})
     assert send_as_alice(relay, "127.10.0.2") == 250
-    # Strangers from many networks each try alice's name once: each is checked...
-    for n in range(8):
-        assert guess(relay, f"127.{120 + n}.0.1", ALICE, f"spray {n}") == 535
-    # ...but her name is now under attack, and a second try from one of them is refused
-    # before any hashing.
-    assert guess(relay, "127.120.0.1", ALICE, "spray again") == 454
+    # Strangers from many networks each try alice's name once: the first few are checked...
+    codes = [guess(relay, f"127.{120 + n}.0.1", ALICE, f"spray {n}") for n in range(8)]
+    assert codes == [535] * 5 + [454] * 3
+    # ...then her name is under attack: strangers are refused before any hashing, and a bot
+    # guessing anew from the same place is refused again...
+    assert guess(relay, "127.127.0.1", ALICE, "spray again") == 454
+    # ...while the same credentials retried from the same place (a mail server's retry)
+    # are checked: a first-time customer gets in this way.
+    time.sleep(RETRY_TICKET_MIN_AGE)
+    assert guess(relay, "127.127.0.1", ALICE, "spray 7") == 535
     # Alice, from the network she always uses, logs in and sends as ever.
     assert send_as_alice(relay, "127.10.0.2") == 250
     assert len(sink.wait_for(2)) == 2
@@ -255,3 +262,70 @@ def closed_without_greeting(sock: socket.socket) -> bool:
     finally:
         sock.close()
     return data == b""
+
+
+def test_first_time_customer_told_454_in_a_flood_gets_through_on_retry(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    # Slow hashing (hundreds of ms) and no waiting room for strangers: while one bot is being
+    # verified, every other stranger is told 454 at once.
+    relay = start_relay(
+        auth={
+            "argon2_time_cost": 8,
+            "argon2_memory_kib": 65536,
+            "verify_threads": 2,
+            "verify_threads_unknown": 1,
+            "verify_queue": 0,
+        },
+        defense={"unknown_connections_per_second": 10_000, "connection_rate_per_prefix": 10_000},
+    )
+    pool = relay.server.pool
+    stop = threading.Event()
+
+    def bot(n: int) -> None:
+        # Password spraying against the real name, a new source and a new guess every time.
+        for i in range(2_000):
+            if stop.is_set():
+                return
+            guess(relay, f"127.70.{n}.{i % 250 + 1}", ALICE, f"bot {n} guess {i}")
+
+    def a_bot_is_hashing() -> None:
+        deadline = time.monotonic() + 10
+        while pool.busy_by_lane["unknown"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert pool.busy_by_lane["unknown"] == 1
+
+    def try_login(source: str) -> int:
+        client = session(relay, source)
+        try:
+            a_bot_is_hashing()
+            return auth(client, ALICE, ALICE_PASSWORD)
+        finally:
+            client.close()
+
+    bots = [threading.Thread(target=bot, args=(n,), daemon=True) for n in range(4)]
+    for thread in bots:
+        thread.start()
+    try:
+        # A network alice has never used: the strangers' thread is taken, so she is told 454
+        # (a bot finishing in the instant between the check and her AUTH would let her in at
+        # once; then a second new network is tried).
+        first_tries = {}
+        for n in range(5):
+            source = f"127.31.{n}.1"
+            first_tries[source] = try_login(source)
+            if first_tries[source] == 454:
+                break
+        assert 454 in first_tries.values(), first_tries
+        # Her server retries with the same password from the same address: she waits for the
+        # strangers' thread ahead of every bot, and gets in although the flood goes on.
+        time.sleep(RETRY_TICKET_MIN_AGE)
+        assert try_login(source) == 235
+        assert pool.busy_by_lane["unknown"] + len(pool.waiting["unknown"]) <= 1
+    finally:
+        stop.set()
+        for thread in bots:
+            thread.join(timeout=30)
+    assert send_as_alice(relay, source) == 250  # and her network is known-good from now on
+    assert relay.server.defense.lane(ALICE, ipaddress.ip_address(source), time.time()) == "known"
+    assert sink.wait_for(1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from mailfence.config import DefenseConfig
 from mailfence.defense.bans import Ban, BanBook, escalated_duration
 from mailfence.defense.net import IPAddress, IPNetwork, host_network, prefix_network
-from mailfence.defense.windows import DistinctWindow, EventWindow
+from mailfence.defense.windows import DistinctWindow, EventWindow, TokenBucket
 
 log = logging.getLogger("mailfence.defense")
 
@@ -28,6 +28,10 @@ ATTACK_RATE_WINDOW = 60.0
 ATTACK_SOURCES_WINDOW = 300.0
 LEVEL_MEMORY = 7 * 86400.0  # a repeat offender within a week gets a longer ban
 MAX_REMEMBERED_LEVELS = 100_000
+NETWORK_CACHE_SIZE = 65_536
+PATIENT_RETRY_AFTER = 10.0  # seconds: a mail server's retry, not a bot's reconnect
+PATIENT_MEMORY = 3600.0
+MAX_REMEMBERED_REFUSALS = 100_000
 
 
 class Action(enum.Enum):
@@ -59,6 +63,9 @@ class AuthGate:
     action: AuthAction
     lane: Lane = "unknown"
     reason: str = ""
+    # A refusal a mail server's retry may lift: the same user and password again from the
+    # same source (the authenticator's retry ticket). Bots guess anew and never qualify.
+    retry_allowed: bool = False
 
 
 @dataclass
@@ -85,7 +92,11 @@ class Defense:
         window = config.failure_window
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
-        self._rate_unknown: EventWindow[str] = EventWindow(1.0, cap=1_000_000)
+        # A tenth of a second's worth at once: the TLS handshakes of admitted strangers are
+        # spread out instead of arriving on the event loop together.
+        self._rate_unknown = TokenBucket(
+            config.unknown_connections_per_second, config.unknown_connections_per_second / 10
+        )
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -98,6 +109,10 @@ class Defense:
         self.under_attack = False
         self._calm_since: float | None = None
         self.counters = DefenseCounters()
+        self._network_cache: dict[IPAddress, tuple[IPNetwork, IPNetwork]] = {}
+        self._door_refused: dict[IPAddress, float] = {}  # stranger -> last refusal at the door
+        patient_rate = max(1.0, config.unknown_connections_per_second / 5)
+        self._rate_patient = TokenBucket(patient_rate, patient_rate)
 
     @property
     def monitor(self) -> bool:
@@ -105,11 +120,26 @@ class Defense:
 
     # --- addresses ---------------------------------------------------------------------
 
+    def _networks(self, address: IPAddress) -> tuple[IPNetwork, IPNetwork]:
+        """(source, prefix) of an address. Building an ip_network costs ~4 µs, more than
+        the rest of a refusal, and a flood repeats the same few thousand addresses."""
+        networks = self._network_cache.get(address)
+        if networks is None:
+            config = self.config
+            networks = (
+                host_network(address, config.ipv6_prefix),
+                prefix_network(address, config.ipv4_prefix, config.ipv6_prefix),
+            )
+            if len(self._network_cache) >= NETWORK_CACHE_SIZE:
+                self._network_cache.clear()  # bounded; refilling costs only the misses
+            self._network_cache[address] = networks
+        return networks
+
     def source_of(self, address: IPAddress) -> IPNetwork:
-        return host_network(address, self.config.ipv6_prefix)
+        return self._networks(address)[0]
 
     def prefix_of(self, address: IPAddress) -> IPNetwork:
-        return prefix_network(address, self.config.ipv4_prefix, self.config.ipv6_prefix)
+        return self._networks(address)[1]
 
     def allowed(self, address: IPAddress) -> bool:
         return any(address in network for network in self.allowlist)
@@ -137,8 +167,9 @@ class Defense:
                 verdict = ConnectVerdict(Action.ALLOW, verdict.reason, None, verdict.known_good)
         if verdict.action is Action.ALLOW:
             self.counters.connections_allowed += 1
-            self.live_sources[self.source_of(address)] += 1
-            self.live_prefixes[self.prefix_of(address)] += 1
+            source, prefix = self._networks(address)
+            self.live_sources[source] += 1
+            self.live_prefixes[prefix] += 1
         return verdict
 
     def _connect_verdict(
@@ -150,13 +181,13 @@ class Defense:
         if ban is not None:
             action = Action.BANNED_PERMANENT if ban.permanent else Action.BANNED
             return ConnectVerdict(action, f"banned: {ban.reason}", ban)
-        known = self.is_known_good_source(address)
-        source, prefix = self.source_of(address), self.prefix_of(address)
+        source, prefix = self._networks(address)
+        known = self._known_prefixes[prefix] > 0
         config = self.config
         if not known:
             # All strangers together: a flood from thousands of addresses never reaches any
             # one address's limit, but each admitted connection costs a TLS handshake.
-            if self._rate_unknown.add("all", now) > config.unknown_connections_per_second:
+            if not self._rate_unknown.take(now) and not self._patient_stranger(address, now):
                 return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
             # A share of the slots is kept for sources customers have logged in from.
             if live_total >= max_total * (1.0 - config.known_good_reserved):
@@ -176,11 +207,23 @@ class Defense:
             return ConnectVerdict(Action.LIMIT, "connecting too often from this network")
         return ConnectVerdict(Action.ALLOW, known_good=known)
 
+    def _patient_stranger(self, address: IPAddress, now: float) -> bool:
+        """A stranger turned away by the strangers' rate that came back like a mail server
+        does (after PATIENT_RETRY_AFTER seconds, not at once) gets a door of its own, so a
+        customer's first connection during a flood gets in on a retry. A bot reconnecting at
+        once keeps resetting its clock and never qualifies; the door has its own rate."""
+        last = self._door_refused.pop(address, None)
+        patient = last is not None and PATIENT_RETRY_AFTER <= now - last <= PATIENT_MEMORY
+        if patient and self._rate_patient.take(now):
+            return True
+        self._door_refused[address] = now
+        if len(self._door_refused) > MAX_REMEMBERED_REFUSALS:
+            del self._door_refused[next(iter(self._door_refused))]  # dicts keep order: oldest
+        return False
+
     def on_disconnect(self, address: IPAddress) -> None:
-        for counter, key in (
-            (self.live_sources, self.source_of(address)),
-            (self.live_prefixes, self.prefix_of(address)),
-        ):
+        source, prefix = self._networks(address)
+        for counter, key in ((self.live_sources, source), (self.live_prefixes, prefix)):
             counter[key] -= 1
             if counter[key] <= 0:
                 del counter[key]
@@ -234,14 +277,17 @@ class Defense:
                 self.source_of(address), now, "honeypot user name tried", {"usernames": [username]}
             )
             return AuthGate(AuthAction.REFUSE, lane, "honeypot user name")
-        # Strangers are refused for a name under attack; a source with no failure yet still
-        # gets its one try, so a customer logging in for the first time gets through.
-        if (
-            lane == "unknown"
-            and self.username_under_attack(username, now)
-            and self._failures.count(self.source_of(address), now) > 0
-        ):
-            return AuthGate(AuthAction.REFUSE, lane, "user name under attack")
+        # Strangers are refused for a name under attack, without hashing. A customer logging
+        # in for the first time is one of them: its server's retry (the same password from the
+        # same source) is let through to the hash.
+        if lane == "unknown" and self.username_under_attack(username, now):
+            # Still evidence of the attack: keeps the name and the relay's mode hot although
+            # nothing is hashed any more.
+            source = self.source_of(address)
+            self._failing_sources_by_user.add(username, source, now)
+            self._global_failures.add("all", now)
+            self._global_sources.add("all", source, now)
+            return AuthGate(AuthAction.REFUSE, lane, "user name under attack", retry_allowed=True)
         return AuthGate(AuthAction.PROCEED, lane)
 
     def username_under_attack(self, username: str, now: float) -> bool:

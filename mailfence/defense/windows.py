@@ -116,3 +116,26 @@ class DistinctWindow(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class TokenBucket:
+    """A rate with a small burst: `rate` per second, at most `burst` at once.
+
+    Used where a sliding window would let a whole second's allowance through in one
+    instant (a flood's first millisecond), which then lands on the event loop together.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

@@ -119,17 +119,25 @@ class RelayHandler:
             log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
             server.close_with(replies.TOO_MANY_AUTH_ATTEMPTS)
             return AuthResult(success=False, handled=True)
+        source = defense.source_of(address)
+        lane = gate.lane
         if gate.action is AuthAction.REFUSE:
-            log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
-            server.phase = "ehlo"
-            return self._failure(replies.AUTH_TEMPORARY_FAILURE)
-        verdict = await self.authenticator.check(name, password, gate.lane)
+            # A refusal a retry may lift: the same credentials again from the same source
+            # (a mail server retrying) go through to the hash, in the retry lane.
+            if not (gate.retry_allowed and self.authenticator.redeem(name, password, source)):
+                if gate.retry_allowed:
+                    self.authenticator.issue(name, password, source)
+                log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
+                server.phase = "ehlo"
+                return self._failure(replies.AUTH_TEMPORARY_FAILURE)
+            lane = "retry"
+        verdict = await self.authenticator.check(name, password, lane, source)
         log.info(
             "auth %s user=%r peer=%s lane=%s cached=%s",
             verdict.outcome.value,
             name,
             address,
-            gate.lane,
+            verdict.lane or lane,
             verdict.cached,
         )
         if verdict.outcome is Outcome.OK:

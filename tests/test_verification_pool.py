@@ -1,0 +1,106 @@
+"""The verification pool's lanes, with real argon2 slowed down so states can be observed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import argon2
+
+from mailfence.auth import VerificationPool
+
+# Slow enough (hundreds of ms) that the pool's state can be read while hashes run.
+SLOW = argon2.PasswordHasher(time_cost=8, memory_cost=65536, parallelism=1)
+SECRET = b"correct horse"
+
+
+def test_strangers_hold_at_most_their_share_and_customers_start_at_once() -> None:
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=2, known_queue=8, unknown_queue=1, unknown_threads=1)
+        first = asyncio.create_task(pool.verify(digest, b"guess 1", "unknown"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(pool.verify(digest, b"guess 2", "unknown"))
+        await asyncio.sleep(0)
+        # One stranger hashes; the second waits although a thread is free: that thread is
+        # the customers' margin.
+        assert pool.busy_by_lane == {"known": 0, "retry": 0, "unknown": 1}
+        assert len(pool.waiting["unknown"]) == 1
+        assert pool.full("unknown")  # queue of 1 is taken: the next stranger is told 454
+        customer = asyncio.create_task(pool.verify(digest, SECRET, "known"))
+        await asyncio.sleep(0)
+        assert pool.busy_by_lane == {"known": 1, "retry": 0, "unknown": 1}
+        assert not pool.full("known")
+        assert await customer is True
+        assert not await first
+        assert not await second
+        assert pool.busy == 0 and pool.busy_by_lane == {"known": 0, "retry": 0, "unknown": 0}
+        # The waiting stranger got the unknown slot only after the first one let it go.
+        assert len(pool.recent_waits["unknown"]) == 2
+        assert max(pool.recent_waits["unknown"]) > 0
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_known_lane_is_served_before_waiting_strangers() -> None:
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=1, known_queue=8, unknown_queue=8, unknown_threads=1)
+        order: list[str] = []
+
+        async def verify(label: str, lane: str) -> None:
+            await pool.verify(digest, SECRET, lane)
+            order.append(label)
+
+        tasks = [asyncio.create_task(verify("stranger 1", "unknown"))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(verify("stranger 2", "unknown")))
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(verify("customer", "known")))
+        await asyncio.gather(*tasks)
+        assert order == ["stranger 1", "customer", "stranger 2"]
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_gives_its_slot_back() -> None:
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=1, known_queue=8, unknown_queue=8)
+        running = asyncio.create_task(pool.verify(digest, SECRET, "unknown"))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(pool.verify(digest, SECRET, "unknown"))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await running
+        assert pool.busy == 0 and not pool.waiting["unknown"]
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_retry_tickets_are_bounded_and_lead_to_the_retry_lane() -> None:
+    from mailfence import auth
+    from mailfence.auth import Accounts, Authenticator, CredentialCache
+
+    authenticator = Authenticator(
+        Accounts(dict), CredentialCache(60.0), VerificationPool(SLOW, 1, 1, 1)
+    )
+    for n in range(auth.MAX_RETRY_TICKETS + 50):
+        authenticator._issue_ticket(f"198.51.100.{n}", b"key", 0.0)
+    assert len(authenticator.retry_tickets) == auth.MAX_RETRY_TICKETS
+    # A ticket is used once, by the same source with the same credentials, retrying (not at
+    # the same instant) while it lasts.
+    key = authenticator.cache.fingerprint("alice", b"pw")
+    authenticator._issue_ticket("192.0.2.1", key, 0.0)
+    assert authenticator._lane_for("unknown", "192.0.2.1", key, 0.1) == "unknown"  # concurrent
+    assert authenticator._lane_for("unknown", "192.0.2.2", key, 5.0) == "unknown"
+    assert authenticator._lane_for("unknown", "192.0.2.1", key, 5.0) == "retry"
+    assert authenticator._lane_for("unknown", "192.0.2.1", key, 6.0) == "unknown"  # used up
+    authenticator._issue_ticket("192.0.2.1", key, 0.0)
+    assert authenticator._lane_for("unknown", "192.0.2.1", key, 10_000.0) == "unknown"
+    authenticator.pool.shutdown()
