@@ -136,6 +136,35 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    socket: str = "control.sock"  # relative: in state_dir
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9325"  # empty: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    webhooks: tuple[str, ...] = ()
+    webhook_timeout: float = 5.0
+    known_wait_degraded: float = 0.5  # p99 wait of the known-good lane that means degraded
+    spool_degraded: float = 0.8  # share of spool.max_messages that means degraded
+
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "text"
+    level: str = "info"
+    flood_lines: int = 20  # per category per flood_window, then a summary
+    flood_window: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<embedded defaults>"
     state_dir: Path = Path("./mailfence-data")
@@ -151,10 +180,19 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def database_path(self) -> Path:
         return self.state_dir / "mailfence.sqlite3"
+
+    @property
+    def control_socket(self) -> Path:
+        path = Path(self.control.socket)
+        return path if path.is_absolute() else self.state_dir / path
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -448,8 +486,61 @@ def from_mapping(data: Mapping[str, Any], source: str, base_dir: Path) -> Config
     spool = SpoolConfig(max_messages=sec.integer("max_messages", SpoolConfig.max_messages, 1))
     sec.done()
     defense = _defense(_Section(source, "defense", top.table_of("defense")))
+
+    sec = _Section(source, "control", top.table_of("control"))
+    control = ControlConfig(socket=sec.text("socket", ControlConfig.socket) or "control.sock")
+    sec.done()
+
+    sec = _Section(source, "metrics", top.table_of("metrics"))
+    metrics = MetricsConfig(listen=sec.text("listen", MetricsConfig.listen))
+    if metrics.listen:
+        try:
+            parse_address(metrics.listen)
+        except ValueError:
+            raise sec.fail(
+                "listen", f"{metrics.listen!r} is not host:port", 'write "127.0.0.1:9325", or ""'
+            ) from None
+    sec.done()
+
+    h = HealthConfig()
+    sec = _Section(source, "health", top.table_of("health"))
+    webhooks = sec.strings("webhooks")
+    for url in webhooks:
+        if not url.startswith(("http://", "https://")):
+            raise sec.fail("webhooks", f"{url!r} is not an http(s) URL", 'write "https://..."')
+    health = HealthConfig(
+        webhooks=webhooks,
+        webhook_timeout=sec.duration("webhook_timeout", h.webhook_timeout),
+        known_wait_degraded=sec.duration("known_wait_degraded", h.known_wait_degraded),
+        spool_degraded=sec.number("spool_degraded", h.spool_degraded, 0.01, 1.0),
+    )
+    sec.done()
+
+    lg = LogConfig()
+    sec = _Section(source, "log", top.table_of("log"))
+    log_config = LogConfig(
+        format=cast(LogFormat, sec.text("format", lg.format, ("text", "json"))),
+        level=sec.text("level", lg.level, ("debug", "info", "warning", "error")),
+        flood_lines=sec.integer("flood_lines", lg.flood_lines, 1),
+        flood_window=sec.duration("flood_window", lg.flood_window, 1.0),
+    )
+    sec.done()
     top.done()
-    return Config(source, state_dir, listen, tls, smtp, auth, relay, spool, defense)
+    return Config(
+        source,
+        state_dir,
+        listen,
+        tls,
+        smtp,
+        auth,
+        relay,
+        spool,
+        defense,
+        control,
+        metrics,
+        health,
+        log_config,
+    )
 
 
 def _defense(sec: _Section) -> DefenseConfig:
