@@ -30,15 +30,21 @@ from mailfence.auth import (
 )
 from mailfence.config import Config, ConfigError
 from mailfence.defense import Ban, Defense
-from mailfence.defense.net import IPNetwork
+from mailfence.defense.net import IPNetwork, parse_ip
 from mailfence.delivery.process import DeliveryProcess
 from mailfence.delivery.worker import Delivery
+from mailfence.observe import control as control_socket
+from mailfence.observe.health import Health
+from mailfence.observe.live import Observer
+from mailfence.observe.logs import FloodLimiter
+from mailfence.observe.metrics import MetricsServer
+from mailfence.observe.webhooks import Webhooks
 from mailfence.smtp import replies
 from mailfence.smtp.handler import RelayHandler
 from mailfence.smtp.listeners import ListenError, Listeners
 from mailfence.smtp.tls import TLSSetupError, ensure_self_signed, server_context
 from mailfence.spool import Spool
-from mailfence.store import StoreError, Writer, connect, open_database
+from mailfence.store import StoreError, Writer, connect, history, open_database
 from mailfence.store import defense as defense_table
 
 log = logging.getLogger("mailfence")
@@ -58,9 +64,14 @@ def _users_signature(conn: sqlite3.Connection) -> tuple[int, float]:
 
 class Server:
     def __init__(
-        self, config: Config, config_path: Path | None = None, install_signals: bool = True
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        install_signals: bool = True,
+        flood_limiter: FloodLimiter | None = None,
     ) -> None:
         self.config = config
+        self.flood_limiter = flood_limiter
         self.install_signals = install_signals
         self.config_path = config_path
         self.should_exit = False
@@ -136,6 +147,35 @@ class Server:
                 f"({error.strerror}); fix: check the path and its permissions"
             ) from None
         self.listeners = Listeners(config, self.handler, self.tls, self.defense)
+        self.observer = Observer(
+            config, self.defense, self.pool, self.spool, self.listeners, time.time()
+        )
+        self.observer.totals = self.handler.totals
+        self.observer.tick(time.time())  # figures (and metrics) from the first second on
+        self.observer.on_health_change = self._on_health_change
+        self.webhooks = Webhooks(config.health.webhooks, timeout=config.health.webhook_timeout)
+        self.on_health_document = self.webhooks.post
+        self.control = control_socket.ControlServer(config.control_socket, self._commands())
+        try:
+            await self.control.start()
+        except control_socket.ControlError as error:
+            raise StartupError(f"{config.source}: control.socket: {error}") from None
+        self.metrics: MetricsServer | None = None
+        if config.metrics.listen:
+            host, port = config_module.parse_address(config.metrics.listen)
+            self.metrics = MetricsServer(host, port, lambda: self.observer.exported)
+            try:
+                self.metrics_port = self.metrics.start()
+            except OSError as error:
+                await self.control.close()
+                raise StartupError(
+                    f"{config.source}: metrics.listen: cannot listen on "
+                    f"{config.metrics.listen} ({error.strerror or error}); fix: choose a free "
+                    'port, or set listen = "" to turn metrics off'
+                ) from None
+        self.history_minute = int(time.time() // 60)
+        self.history_base = self.observer.flat_totals()
+        self.history_t250 = list(self.handler.totals.to_250_seconds.counts)
         # Everything loaded so far lives until exit: move it out of the collector's sight, so
         # a full collection scans only what sessions create (pauses fell from ~100 ms).
         gc.collect()
@@ -143,6 +183,9 @@ class Server:
         try:
             await self.listeners.start()
         except ListenError as error:
+            await self.control.close()
+            if self.metrics is not None:
+                self.metrics.stop()
             raise StartupError(str(error)) from None
         self.ports = self.listeners.bound_ports()
         self.delivery_process: DeliveryProcess | None = None
@@ -194,6 +237,13 @@ class Server:
         task.add_done_callback(self.background.discard)
 
     def _persist_bans(self, bans: list[Ban]) -> None:
+        for ban in bans:
+            until = None if ban.permanent else ban.until
+            self.observer.ban_recorded(str(ban.network), ban.reason, ban.source, until)
+            self.control.publish(
+                {"event": "ban", "network": str(ban.network), "reason": ban.reason, "until": until}
+            )
+
         async def write() -> None:
             try:
                 await self.writer.run(lambda conn: defense_table.insert_bans(conn, bans))
@@ -215,6 +265,81 @@ class Server:
                 log.exception("could not record a known-good login")
 
         self._in_background(write())
+
+    # --- seeing and steering ---------------------------------------------------------------
+
+    async def _roll_up(self, wall: float) -> None:
+        """Adds the last minute's figures to its hour in SQLite (`mailfence stats --since`)."""
+        flat = self.observer.flat_totals()
+        changes = {name: flat[name] - self.history_base.get(name, 0) for name in flat}
+        t250 = list(self.handler.totals.to_250_seconds.counts)
+        t250_changes = [a - b for a, b in zip(t250, self.history_t250, strict=True)]
+        self.history_base, self.history_t250 = flat, t250
+        hour = int(wall - 60) // 3600 * 3600  # the minute that just ended
+
+        def write(conn: sqlite3.Connection) -> None:
+            history.add_minute(conn, hour, changes, t250_changes)
+            history.prune(conn, wall)
+
+        await self.writer.run(write)
+
+    def _on_health_change(self, previous: Health, health: Health) -> None:
+        level = logging.INFO if health.state == "ok" else logging.WARNING
+        log.log(level, "health: %s -> %s: %s", previous.state, health.state, health.reason)
+        snapshot = self.observer.snapshot(sessions=0)
+        document = {
+            "event": "health",
+            "state": health.state,
+            "previous": previous.state,
+            "reason": health.reason,
+            "time": time.time(),
+            "host": self.config.smtp.hostname,
+            "figures": {
+                "connections_open": snapshot["connections"]["open"],
+                "rates_10s": snapshot["rates"]["10s"],
+                "spool": snapshot["spool"]["size"],
+            },
+        }
+        self.control.publish(document)
+        self.on_health_document(document)
+
+    def _commands(self) -> dict[str, control_socket.Handler]:
+        async def snapshot(request: dict[str, Any]) -> dict[str, Any]:
+            sessions = int(request.get("sessions", 50))
+            return {"snapshot": self.observer.snapshot(sessions)}
+
+        async def health(request: dict[str, Any]) -> dict[str, Any]:
+            h = self.observer.health
+            return {"state": h.state, "reason": h.reason, "code": h.code}
+
+        async def explain(request: dict[str, Any]) -> dict[str, Any]:
+            try:
+                address = parse_ip(str(request.get("ip", "")))
+            except ValueError:
+                raise ValueError(f"{request.get('ip')!r} is not an IP address") from None
+            return {"live": self.defense.explain(address, time.time())}
+
+        async def defense_changed(request: dict[str, Any]) -> dict[str, Any]:
+            # `mailfence ban/unban/allow` wrote the database: apply it now, not within 1 s.
+            await self._load_defense_state(initial=False)
+            for ban in request.get("bans", []):
+                self.observer.ban_recorded(
+                    str(ban.get("network")), str(ban.get("reason", "")), "manual", ban.get("until")
+                )
+            self.control.publish({"event": "defense_changed", "time": time.time()})
+            return {"bans_in_force": len(self.defense.bans)}
+
+        async def reload(request: dict[str, Any]) -> dict[str, Any]:
+            self.reload_requested = True
+            return {"reloading": True}
+
+        return {
+            "snapshot": snapshot,
+            "health": health,
+            "explain": explain,
+            "defense-changed": defense_changed,
+            "reload": reload,
+        }
 
     def _certificate_paths(self) -> tuple[Path, Path]:
         """The configured certificate, or the self-signed one (made on first use)."""
@@ -290,6 +415,30 @@ class Server:
         change = self.defense.tick(wall)
         if change is not None:
             log.warning("defense: %s under-attack mode", change)
+            self.control.publish({"event": "under_attack", "change": change, "time": wall})
+        if self.delivery_process is not None:
+            reported = self.delivery_process.figures()
+            restarts = self.delivery_process.restarts
+        else:
+            counters = self.delivery.counters
+            reported = {
+                "delivered": counters.delivered,
+                "deferred": counters.deferred,
+                "failed": counters.failed,
+            }
+            restarts = 0
+        figures = self.observer.delivery
+        figures.delivered = reported.get("delivered", 0)
+        figures.deferred = reported.get("deferred", 0)
+        figures.bounced = reported.get("failed", 0)
+        figures.restarts = restarts
+        self.observer.tick(wall)
+        if self.flood_limiter is not None:
+            self.flood_limiter.flush()  # the summary of what a flood's lines were folded into
+        minute = int(wall // 60)
+        if minute != self.history_minute:
+            self.history_minute = minute
+            await self._roll_up(wall)
         if now >= self.next_cleanup:
             self.next_cleanup = now + 60.0
             self.defense.housekeeping(wall)
@@ -326,6 +475,7 @@ class Server:
         )
         # 1. Stop accepting new connections.
         await self.listeners.stop_accepting()
+        await self.control.close()
         # 2. Idle sessions are told 421 and closed; a session in the middle of a command
         #    (DATA above all) may finish it, then is closed the same way.
         while self.listeners.live and time.monotonic() < deadline and not self.force_exit:
@@ -345,6 +495,9 @@ class Server:
         # 5. Storage last: every write queued so far is committed before the process exits.
         if self.background:
             await asyncio.wait(self.background, timeout=5.0)
+        if self.metrics is not None:
+            self.metrics.stop()
+        await asyncio.to_thread(self.webhooks.close, 5.0)  # the last state change goes out
         self.pool.shutdown()
         self.spool.close()
         await asyncio.to_thread(self.writer.close)

@@ -25,7 +25,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
 from mailfence.auth import make_hasher
-from mailfence.config import AuthConfig, Config, Listener, RelayConfig, SMTPConfig
+from mailfence.config import AuthConfig, Config, Listener, MetricsConfig, RelayConfig, SMTPConfig
 from mailfence.server import Server
 from mailfence.store import open_database
 from mailfence.store import users as user_table
@@ -206,6 +206,7 @@ def relay_config(state_dir: Path, upstream_port: int | None = None, **sections: 
         auth=FAST_AUTH,
         relay=relay,
         smtp=SMTPConfig(hostname="relay.test", shutdown_timeout=5.0),
+        metrics=MetricsConfig(listen="127.0.0.1:0"),
     )
     for name, changes in sections.items():
         config = dataclasses.replace(
@@ -245,6 +246,8 @@ class RunningRelay:
                 if task.done():
                     break
                 await asyncio.sleep(0.01)
+            if task.done() and task.exception() is not None:
+                self._error = task.exception()  # a failed startup: start() raises it
             self._ready.set()
             await task
 

@@ -89,6 +89,8 @@ tls = "implicit"
 [smtp]
 hostname = "relay.test"
 shutdown_timeout = "5s"
+[metrics]
+listen = "127.0.0.1:0"
 [auth]
 argon2_time_cost = 1
 argon2_memory_kib = 1024

@@ -206,7 +206,7 @@ def test_passwords_never_reach_the_logs(
             client.auth("PLAIN", client.auth_plain)
         time.sleep(0.2)
     text = caplog.text
-    assert "auth ok" in text and "auth bad_credentials" in text  # the log did see the logins
+    assert "auth ok" in text and "auth failed" in text  # the log did see the logins
     for leaked in [secret, ALICE_PASSWORD, *encoded]:
         assert leaked not in text
 

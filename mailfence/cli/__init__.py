@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mailfence import __version__
-from mailfence.cli import config_cmd, defense, queue, users
+from mailfence.cli import config_cmd, defense, install, observe, queue, users
 from mailfence.cli.serve import serve
 
 # A traceback must never print local variables: one of them could be a password.
@@ -48,6 +48,10 @@ app.command("unban")(defense.unban)
 app.add_typer(defense.bans_app, name="bans")
 app.add_typer(defense.allow_app, name="allow")
 app.command("explain")(defense.explain)
+app.command("top")(observe.top)
+app.command("stats")(observe.stats)
+app.command("status")(observe.status)
+app.add_typer(install.app, name="install")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from mailfence import config as config_module
 from mailfence.config import Config, ConfigError
+from mailfence.observe import control
 from mailfence.store import StoreError, open_database
 
 EXIT_FAILURE = 1
@@ -72,3 +73,24 @@ def read_password(from_stdin: bool) -> str:
     if not password:
         fail("the password is empty")
     return password
+
+
+def ask_server(config: Config, command: str, **arguments: object) -> dict[str, object]:
+    """One request to the running server. Exits 1 with one line when none runs."""
+    try:
+        answer = control.request(config.control_socket, command, arguments)
+    except control.NotRunning as error:
+        fail(str(error))
+    except (OSError, ValueError) as error:
+        fail(f"the server's control socket did not answer properly: {error}")
+    if not answer.get("ok"):
+        fail(str(answer.get("error", "the server refused the request")))
+    return answer
+
+
+def tell_server(config: Config, command: str, **arguments: object) -> bool:
+    """Best effort: True when a running server took the request (none running is fine)."""
+    try:
+        return bool(control.request(config.control_socket, command, arguments).get("ok"))
+    except (control.NotRunning, OSError, ValueError):
+        return False

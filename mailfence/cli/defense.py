@@ -15,10 +15,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mailfence.cli.common import ConfigOption, database, fail, out
-from mailfence.config import parse_duration
+from mailfence.cli.common import ConfigOption, database, fail, out, tell_server
+from mailfence.config import Config, parse_duration
 from mailfence.defense.bans import Ban, BanSource
-from mailfence.defense.net import IPNetwork, parse_ip, prefix_network
+from mailfence.defense.net import IPAddress, IPNetwork, parse_ip, prefix_network
+from mailfence.observe import control
 from mailfence.store import defense as table
 
 bans_app = typer.Typer(
@@ -81,13 +82,15 @@ def ban(
         fail(f"--for {duration!r} is not a duration (write 30m, 2h or 7d)")
     now = time.time()
     record = Ban(target, None if permanent else now + seconds, reason, "manual", now)
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         conn.execute("BEGIN IMMEDIATE")
         table.lift(conn, target, now)  # a new ban replaces whatever stood on this network
         table.insert_ban(conn, record)
         conn.execute("COMMIT")
     until = "permanently" if permanent else f"until {_when(record.until)}"
-    out.print(f"banned {target} {until}", markup=False)
+    ban_record = {"network": str(target), "reason": reason, "until": record.until}
+    applied = tell_server(settings, "defense-changed", bans=[ban_record])
+    out.print(f"banned {target} {until}{_applied(applied)}", markup=False)
 
 
 def unban(
@@ -99,13 +102,14 @@ def unban(
     Example: mailfence unban 198.51.100.7
     """
     target = _network(network)
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         conn.execute("BEGIN IMMEDIATE")
         lifted = table.lift(conn, target, time.time())
         conn.execute("COMMIT")
     if not lifted:
         fail(f"no ban in force on exactly {target} (see 'mailfence bans'; 'mailfence explain IP')")
-    out.print(f"unbanned {target}", markup=False)
+    applied = tell_server(settings, "defense-changed")
+    out.print(f"unbanned {target}{_applied(applied)}", markup=False)
 
 
 @bans_app.callback()
@@ -148,11 +152,12 @@ def clear(
     """
     if not auto:
         fail("say what to clear: --auto (manual bans are lifted one by one with 'unban')")
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         conn.execute("BEGIN IMMEDIATE")
         lifted = table.lift_auto(conn, time.time())
         conn.execute("COMMIT")
-    out.print(f"lifted {lifted} automatic ban(s)", markup=False)
+    applied = tell_server(settings, "defense-changed")
+    out.print(f"lifted {lifted} automatic ban(s){_applied(applied)}", markup=False)
 
 
 @allow_app.command("add")
@@ -166,11 +171,14 @@ def allow_add(
     Example: mailfence allow add 203.0.113.0/24 --note "customer: Example Ltd office"
     """
     target = _network(network)
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         conn.execute("BEGIN IMMEDIATE")
         added = table.allow(conn, target, note, time.time())
         conn.execute("COMMIT")
-    out.print(f"{'allowed' if added else 'already allowed:'} {target}", markup=False)
+    applied = tell_server(settings, "defense-changed")
+    out.print(
+        f"{'allowed' if added else 'already allowed:'} {target}{_applied(applied)}", markup=False
+    )
 
 
 @allow_app.command("remove")
@@ -180,13 +188,14 @@ def allow_remove(network: str, config: ConfigOption = None) -> None:
     Example: mailfence allow remove 203.0.113.0/24
     """
     target = _network(network)
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         conn.execute("BEGIN IMMEDIATE")
         removed = table.disallow(conn, target)
         conn.execute("COMMIT")
     if not removed:
         fail(f"{target} is not on the allowlist (see 'mailfence allow list')")
-    out.print(f"removed {target} from the allowlist", markup=False)
+    applied = tell_server(settings, "defense-changed")
+    out.print(f"removed {target} from the allowlist{_applied(applied)}", markup=False)
 
 
 @allow_app.command("list")
@@ -209,6 +218,19 @@ def allow_list(
         out.print(f"{entry['network']}  ({entry['from']})", markup=False)
 
 
+def _applied(applied: bool) -> str:
+    return "; applied by the running server" if applied else ""
+
+
+def _live_counters(settings: Config, ip: IPAddress) -> dict[str, Any] | None:
+    try:
+        answer = control.request(settings.control_socket, "explain", {"ip": str(ip)})
+    except (control.NotRunning, OSError, ValueError):
+        return None
+    live = answer.get("live")
+    return live if isinstance(live, dict) else None
+
+
 def explain(
     address: Annotated[str, typer.Argument(help="The address to explain.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -218,7 +240,8 @@ def explain(
 
     Also its ban history and the users known to log in from its network.
 
-    Live counters (failures in the current window) live in the running server only.
+    With a server running, also its live counters: open connections, recent connection
+    rate, distinct wrong passwords in the window, user names tried.
 
     Example: mailfence explain 198.51.100.7
     """
@@ -255,6 +278,7 @@ def explain(
         "known_good_users_from_prefix": [
             {"user": u, "last_success": w} for u, _, w in sorted(pairs)
         ],
+        "live": _live_counters(settings, ip),
     }
     if as_json:
         out.print(json.dumps(report, indent=2), markup=False)
@@ -274,3 +298,23 @@ def explain(
         out.print(
             "  no user has logged in from this network in the known-good window", markup=False
         )
+    live = report["live"]
+    if not isinstance(live, dict):
+        out.print("  live counters: no server running", markup=False)
+        return
+    rate = live["connections_in_rate_window"]
+    out.print(
+        f"  live: {live['open_connections_from_source']} open connection(s) from it, "
+        f"{live['open_connections_from_prefix']} from its network; "
+        f"{rate['source']} connection(s) in the last {rate['window_seconds']:.0f} s",
+        markup=False,
+    )
+    out.print(
+        f"  live: {live['distinct_wrong_passwords']} distinct wrong password(s) in the last "
+        f"{live['failure_window_seconds']:.0f} s (ban at {live['ban_after_failures']}); "
+        f"user names tried: {', '.join(live['usernames_tried']) or 'none'}",
+        markup=False,
+    )
+    if live["usernames_under_attack"]:
+        names = ", ".join(live["usernames_under_attack"])
+        out.print(f"  live: under attack (strangers refused): {names}", markup=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mailfence import config as config_module
 from mailfence.cli.common import EXIT_STARTUP, ConfigOption, fail, load_config
+from mailfence.observe.logs import TEXT_FORMAT, JsonFormatter, configure_logging
 from mailfence.server import Server, StartupError
 
 
@@ -19,10 +20,17 @@ def serve(config: ConfigOption = None) -> None:
     Example: mailfence serve --config /etc/mailfence/mailfence.toml
     """
     settings = load_config(config)
-    logging.basicConfig(
-        stream=sys.stdout,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # Other libraries' loggers (aiosmtpd's among them) go to the root handler, same format.
+    root = logging.StreamHandler(sys.stdout)
+    root.setFormatter(
+        JsonFormatter() if settings.log.format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[root])
+    flood_limiter = configure_logging(
+        settings.log.format,
+        settings.log.level,
+        flood_lines=settings.log.flood_lines,
+        flood_window=settings.log.flood_window,
     )
     # aiosmtpd logs every command at INFO; that is a debugging aid, not an operator's log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -30,6 +38,6 @@ def serve(config: ConfigOption = None) -> None:
     if path is None and Path(config_module.DEFAULT_CONFIG_NAME).exists():
         path = Path(config_module.DEFAULT_CONFIG_NAME)
     try:
-        Server(settings, path).run()
+        Server(settings, path, flood_limiter=flood_limiter).run()
     except StartupError as error:
         fail(str(error), EXIT_STARTUP)

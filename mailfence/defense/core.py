@@ -107,6 +107,7 @@ class Defense:
         )
         self._levels: OrderedDict[IPNetwork, tuple[int, float]] = OrderedDict()
         self.under_attack = False
+        self.attack_reason = ""
         self._calm_since: float | None = None
         self.counters = DefenseCounters()
         self._network_cache: dict[IPAddress, tuple[IPNetwork, IPNetwork]] = {}
@@ -410,6 +411,45 @@ class Defense:
                 level, _ = self._levels.get(ban.network, (0, 0.0))
                 self._levels[ban.network] = (max(level, ban.level), ban.created)
 
+    # --- the operator's view ----------------------------------------------------------------
+
+    def explain(self, address: IPAddress, now: float) -> dict[str, object]:
+        """What the live counters say about one address (`mailfence explain IP`)."""
+        source, prefix = self._networks(address)
+        ban = self.bans.find(address, now)
+        names = sorted(
+            {str(t[0]) for t in self._failures.tokens(source, now) if isinstance(t, tuple)}
+        )
+        level, last_ban = self._levels.get(source, (0, 0.0))
+        return {
+            "address": str(address),
+            "source": str(source),
+            "prefix": str(prefix),
+            "allowlisted": self.allowed(address),
+            "ban_in_force": None
+            if ban is None
+            else {"network": str(ban.network), "reason": ban.reason, "until": ban.until},
+            "open_connections_from_source": self.live_sources.get(source, 0),
+            "open_connections_from_prefix": self.live_prefixes.get(prefix, 0),
+            "connections_in_rate_window": {
+                "source": self._rate_source.count(source, now),
+                "prefix": self._rate_prefix.count(prefix, now),
+                "window_seconds": self.config.connection_rate_window,
+            },
+            "distinct_wrong_passwords": self._failures.count(source, now),
+            "failure_window_seconds": self.config.failure_window,
+            "ban_after_failures": self.config.ban_after_failures,
+            "usernames_tried": names[:20],
+            "usernames_under_attack": [n for n in names if self.username_under_attack(n, now)],
+            "first_failure": self._first_seen.get(source),
+            "ban_level": level,
+            "last_ban": last_ban or None,
+            "known_good_users_from_prefix": sorted(
+                user for (user, net), _ in self.known_good.items() if net == prefix
+            )[:20],
+            "under_attack_mode": self.under_attack,
+        }
+
     # --- time ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> str | None:
@@ -423,6 +463,8 @@ class Defense:
             rate < config.attack_failures_per_minute / 2
             and sources < config.attack_failing_sources / 2
         )
+        if hot or self.under_attack:
+            self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
         if not self.under_attack and hot:
             self.under_attack = True
             self._calm_since = None

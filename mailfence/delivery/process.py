@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 from multiprocessing.process import BaseProcess
 
 import uvloop
 
 from mailfence.config import Config
 from mailfence.delivery.worker import Delivery
+from mailfence.observe.logs import LEVELS, configure_logging
 from mailfence.spool import Spool
 from mailfence.store import Writer, connect
 
@@ -39,6 +40,33 @@ class DeliveryProcess:
         self._nudge: socket.socket | None = None
         self._nudge_pending = False
         self.restarts = 0
+        # What the child reports once a second (cumulative for that child), and the sums of
+        # the children that came before it.
+        self._reported: dict[str, int] = {}
+        self._earlier: dict[str, int] = {}
+        self._partial = b""
+
+    def figures(self) -> dict[str, int]:
+        """Recipients delivered, deferred and failed since the relay started."""
+        keys = set(self._reported) | set(self._earlier)
+        return {k: self._earlier.get(k, 0) + self._reported.get(k, 0) for k in keys}
+
+    def _on_report(self) -> None:
+        if self._nudge is None:
+            return
+        try:
+            data = self._nudge.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self._nudge.fileno())
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines[-1:]:  # cumulative: only the newest matters
+            with contextlib.suppress(ValueError):
+                self._reported = {k: int(v) for k, v in json.loads(line).items()}
 
     def start(self) -> None:
         parent_end, child_end = socket.socketpair()
@@ -53,6 +81,12 @@ class DeliveryProcess:
         )
         self._process.start()
         child_end.close()
+        for key, value in self._reported.items():  # the previous child's last word
+            self._earlier[key] = self._earlier.get(key, 0) + value
+        self._reported = {}
+        self._partial = b""
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody to read reports
+            asyncio.get_running_loop().add_reader(parent_end.fileno(), self._on_report)
 
     def nudge(self) -> None:
         """A message was queued. Coalesced: one byte per loop turn, however many arrived."""
@@ -96,15 +130,19 @@ class DeliveryProcess:
 
     def _close_nudge(self) -> None:
         if self._nudge is not None:
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_reader(self._nudge.fileno())
             self._nudge.close()
             self._nudge = None
 
 
 def _child_main(config: Config, nudges: socket.socket, level: int) -> None:
-    logging.basicConfig(
-        stream=sys.stdout,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # The same format as the parent's (one JSON object per line for journald, or text).
+    configure_logging(
+        config.log.format,
+        name if (name := logging.getLevelName(level).lower()) in LEVELS else "info",
+        flood_lines=config.log.flood_lines,
+        flood_window=config.log.flood_window,
     )
     uvloop.run(_deliver(config, nudges))
 
@@ -127,10 +165,27 @@ async def _deliver(config: Config, nudges: socket.socket) -> None:
             stop.set()
         spool.arrived.set()
 
+    async def report() -> None:
+        # Once a second, the counters (cumulative) to the parent: its `top`, stats and metrics.
+        while True:
+            await asyncio.sleep(1.0)
+            counters = delivery.counters
+            line = json.dumps(
+                {
+                    "delivered": counters.delivered,
+                    "deferred": counters.deferred,
+                    "failed": counters.failed,
+                }
+            )
+            with contextlib.suppress(BlockingIOError, OSError):
+                nudges.send(line.encode() + b"\n")
+
     nudges.setblocking(False)
     loop.add_reader(nudges.fileno(), on_nudge)
     delivery.start()
+    reporting = asyncio.create_task(report())
     await stop.wait()
+    reporting.cancel()
     loop.remove_reader(nudges.fileno())
     await delivery.stop(config.smtp.shutdown_timeout)
     spool.close()

@@ -23,6 +23,7 @@ from mailfence.auth import Authenticator, Outcome
 from mailfence.config import Config
 from mailfence.defense import AuthAction, Ban, Defense
 from mailfence.defense.net import IPNetwork, parse_ip
+from mailfence.observe.figures import Totals
 from mailfence.smtp import replies
 from mailfence.smtp.session import RelaySMTP
 from mailfence.spool import Spool, SpoolFull, new_id
@@ -57,6 +58,33 @@ def _ignore_known_good(user: str, prefix: IPNetwork, when: float) -> None:
     return None
 
 
+def _log_refusal(name: str, address: object, reason: str) -> None:
+    log.info(
+        "auth refused user=%r peer=%s: %s",
+        name,
+        address,
+        reason,
+        extra={
+            "flood": "auth refused",
+            "fields": {
+                "event": "auth",
+                "outcome": "refused",
+                "user": name,
+                "peer": str(address),
+                "reason": reason,
+            },
+        },
+    )
+
+
+_OUTCOME_NAMES = {
+    Outcome.OK: "ok",
+    Outcome.BAD_CREDENTIALS: "failed",
+    Outcome.BUSY: "busy",
+    Outcome.DISABLED: "disabled",
+}
+
+
 class RelayHandler:
     def __init__(
         self, config: Config, authenticator: Authenticator, spool: Spool, defense: Defense
@@ -68,6 +96,7 @@ class RelayHandler:
         # Set by the server: persist what the defense decided (bans, known-good pairs).
         self.on_bans: Callable[[list[Ban]], None] = _ignore_bans
         self.on_known_good: Callable[[str, IPNetwork, float], None] = _ignore_known_good
+        self.totals = Totals()  # the server's Observer reads these once a second
 
     # --- AUTH (RFC 4954, RFC 4616) -------------------------------------------------------
 
@@ -107,8 +136,10 @@ class RelayHandler:
         return await self._authenticate(server, login, password)
 
     async def _authenticate(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
+        started = time.perf_counter()
         name = login.decode("utf-8", "surrogateescape")
         address = server.address
+        totals = self.totals
         server.phase = "auth"
         server.auth_attempts += 1
         now = time.time()
@@ -116,7 +147,9 @@ class RelayHandler:
         exists = self.authenticator.accounts.get(name) is not None
         gate = defense.before_auth(address, name, now, server.auth_attempts, exists)
         if gate.action is AuthAction.DISCONNECT:
-            log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
+            totals.auth_outcome("refused", "gate")
+            server.auth_result = "refused"
+            _log_refusal(name, address, gate.reason)
             server.close_with(replies.TOO_MANY_AUTH_ATTEMPTS)
             return AuthResult(success=False, handled=True)
         source = defense.source_of(address)
@@ -127,18 +160,36 @@ class RelayHandler:
             if not (gate.retry_allowed and self.authenticator.redeem(name, password, source)):
                 if gate.retry_allowed:
                     self.authenticator.issue(name, password, source)
-                log.info("auth refused user=%r peer=%s: %s", name, address, gate.reason)
+                totals.auth_outcome("refused", "gate")
+                server.auth_result = "refused"
+                _log_refusal(name, address, gate.reason)
                 server.phase = "ehlo"
                 return self._failure(replies.AUTH_TEMPORARY_FAILURE)
             lane = "retry"
         verdict = await self.authenticator.check(name, password, lane, source)
+        answered_lane = "cache" if verdict.cached or verdict.repeated else (verdict.lane or lane)
+        totals.auth_outcome(_OUTCOME_NAMES[verdict.outcome], answered_lane)
+        totals.auth_latency(answered_lane, time.perf_counter() - started)
+        server.auth_result = _OUTCOME_NAMES[verdict.outcome]
+        server.auth_lane = answered_lane
+        fields = {
+            "event": "auth",
+            "outcome": server.auth_result,
+            "user": name,
+            "peer": str(address),
+            "lane": answered_lane,
+        }
+        # A customer's login is always worth a line; a flood's failures are summarised.
+        extra: dict[str, Any] = {"fields": fields}
+        if verdict.outcome is not Outcome.OK:
+            extra["flood"] = "auth failed"
         log.info(
-            "auth %s user=%r peer=%s lane=%s cached=%s",
-            verdict.outcome.value,
+            "auth %s user=%r peer=%s lane=%s",
+            server.auth_result,
             name,
             address,
-            verdict.lane or lane,
-            verdict.cached,
+            answered_lane,
+            extra=extra,
         )
         if verdict.outcome is Outcome.OK:
             server.phase = "authenticated"
@@ -151,6 +202,8 @@ class RelayHandler:
             return self._failure(replies.AUTH_TEMPORARY_FAILURE)
         if verdict.outcome is Outcome.DISABLED:
             return self._failure(replies.AUTH_DISABLED)
+        if not verdict.repeated:
+            totals.failure(str(source), name)
         bans = defense.on_auth_failure(address, name, verdict.fingerprint, now, verdict.repeated)
         if bans:
             for ban in bans:
@@ -258,6 +311,17 @@ class RelayHandler:
     # --- DATA ----------------------------------------------------------------------------
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        reply = await self._data(server, session, envelope)
+        if reply.startswith("250"):
+            self.totals.messages["accepted"] += 1
+            self.totals.to_250_seconds.observe(time.perf_counter() - started)
+            server.messages.append(reply.rsplit(" ", 1)[-1])
+        else:
+            self.totals.messages["rejected"] += 1
+        return reply
+
+    async def _data(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         content: bytes = envelope.original_content or b""
         # Scanning a large message takes long enough to stall every other session: off the loop.
         if len(content) > 65536:
@@ -298,6 +362,17 @@ class RelayHandler:
             envelope.mail_from,
             len(envelope.rcpt_tos),
             len(content),
+            extra={
+                "fields": {
+                    "event": "queued",
+                    "id": msg_id,
+                    "user": user.name,
+                    "peer": server.peer_address,
+                    "from": envelope.mail_from,
+                    "rcpts": len(envelope.rcpt_tos),
+                    "size": len(content),
+                }
+            },
         )
         return replies.QUEUED.format(id=msg_id)
 

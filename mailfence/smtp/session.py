@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import ssl
 import time
@@ -22,6 +23,8 @@ from aiosmtpd.smtp import SMTP, Session
 from mailfence.config import Config
 from mailfence.defense.net import IPAddress
 from mailfence.smtp import replies
+
+log = logging.getLogger("mailfence.smtp")
 
 # "<local@domain>" followed by optional parameters, with nothing a full parser must judge
 # (no quotes, comments, routes or spaces inside the brackets).
@@ -73,6 +76,10 @@ class RelaySMTP(SMTP):
         self.admit_proxied: Callable[[RelaySMTP, IPAddress], str | None] | None = None
         self.proxied_admitted = False
         self.started = time.monotonic()
+        self.bytes_in = 0
+        self.messages: list[str] = []  # ids of the messages queued in this session
+        self.auth_result = ""  # the last AUTH's outcome: ok, failed, refused, busy, disabled
+        self.auth_lane = ""
         self.phase = "connect"
         self.busy = False  # a command is being handled (idle sessions may be closed at once)
         self.in_ehlo = False
@@ -116,17 +123,58 @@ class RelaySMTP(SMTP):
         else:
             self.phase = "tls"
 
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        super().data_received(data)
+
+    @property
+    def user_name(self) -> str:
+        session = self.session
+        user = session.auth_data if session is not None and session.authenticated else None
+        return str(getattr(user, "name", "")) if user is not None else ""
+
     def connection_lost(self, error: Exception | None) -> None:
         self.live.discard(self)
         if self._on_close is not None:  # once: aiosmtpd may see more than one loss
             self._on_close(self.address)
             self._on_close = None
+            self._log_outcome()
         super().connection_lost(error)
         # aiosmtpd's tables of bound methods make every session a reference cycle, freed only
         # by a full collection (pauses of 100-200 ms under a flood); break the cycle now.
         self._smtp_methods = {}
         self._auth_methods = {}
         self._handle_hooks = {}
+
+    def _log_outcome(self) -> None:
+        """One line per session: who, how, what came of it. Sessions that never logged in
+        (a flood's, mostly) are summarised during a flood instead of one line each."""
+        user = self.user_name
+        fields = {
+            "event": "session",
+            "peer": str(self.address),
+            "user": user,
+            "tls": self.encrypted,
+            "auth": self.auth_result or "none",
+            "lane": self.auth_lane,
+            "messages": list(self.messages),
+            "seconds": round(time.monotonic() - self.started, 3),
+            "bytes": self.bytes_in,
+        }
+        extra: dict[str, Any] = {"fields": fields}
+        if not user:
+            extra["flood"] = "session"
+        log.info(
+            "session peer=%s user=%r tls=%s auth=%s messages=%s seconds=%.1f bytes=%d",
+            self.address,
+            user,
+            "yes" if self.encrypted else "no",
+            fields["auth"],
+            ",".join(self.messages) or "-",
+            fields["seconds"],
+            self.bytes_in,
+            extra=extra,
+        )
 
     def set_unauthenticated_timeout(self, seconds: float) -> None:
         self._timeout_duration = seconds

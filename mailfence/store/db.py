@@ -103,7 +103,34 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # Hourly history for `mailfence stats --since`: the server adds each minute's figures to
+    # the hour's row; t250 is a JSON list of counts per latency bucket (observe.figures).
+    db.table("stats_hourly").create(
+        {
+            "hour": int,  # unix time of the hour's start, UTC
+            "connections": int,
+            "connections_refused": int,
+            "auth_ok": int,
+            "auth_failed": int,
+            "auth_refused": int,
+            "bans": int,
+            "accepted": int,
+            "delivered": int,
+            "deferred": int,
+            "bounced": int,
+            "t250": str,
+        },
+        pk="hour",
+        not_null={"hour"},
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+]
 
 
 def migrate(conn: sqlite3.Connection) -> None:

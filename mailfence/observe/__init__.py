@@ -1,0 +1,1 @@
+"""Seeing the running relay: live figures, health, history, the control socket, metrics and logs."""
