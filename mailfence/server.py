@@ -306,7 +306,9 @@ class Server:
     def _commands(self) -> dict[str, control_socket.Handler]:
         async def snapshot(request: dict[str, Any]) -> dict[str, Any]:
             sessions = int(request.get("sessions", 50))
-            return {"snapshot": self.observer.snapshot(sessions)}
+            started = time.perf_counter()
+            shot = self.observer.snapshot(sessions)
+            return {"snapshot": shot, "build_ms": (time.perf_counter() - started) * 1000}
 
         async def health(request: dict[str, Any]) -> dict[str, Any]:
             h = self.observer.health

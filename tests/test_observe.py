@@ -362,8 +362,11 @@ def test_snapshot_session_list_is_bounded(
     shot = snapshot(relay, sessions=10_000)
     assert len(shot["sessions"]) == 1 and shot["connections"]["sessions"] == 3
     assert shot["sessions"][0]["source"] == "127.47.0.1"  # the oldest first
+    assert sum(shot["connections"]["by_state"].values()) == 3
     for client in clients:
         client.quit()
+    wait_for(lambda: snapshot(relay)["connections"]["sessions"] == 0)
+    assert snapshot(relay)["connections"]["by_state"] == {}
 
 
 def test_events_stream_bans(relay: RunningRelay, tmp_path: Path) -> None:

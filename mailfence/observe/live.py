@@ -8,7 +8,7 @@ connections are open: the session list is cut to what the caller can show.
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,13 +189,11 @@ class Observer:
         series = {name: self.ring.series(name, second, SPARK_POINTS, SPARK_STEP) for name in SERIES}
         pool = self.pool
         live = self.listeners.live
-        shown = heapq.nsmallest(
-            max(0, min(sessions, MAX_SESSIONS_SHOWN)), live, key=lambda s: s.started
-        )
+        # Both bounded whatever the number of sessions: the oldest are the first entries of
+        # the live dict, and phases are counted as they change.
+        shown = list(itertools.islice(live, max(0, min(sessions, MAX_SESSIONS_SHOWN))))
         monotonic = time.monotonic()
-        by_state: dict[str, int] = {}
-        for session in live:
-            by_state[session.phase] = by_state.get(session.phase, 0) + 1
+        by_state = {phase: n for phase, n in self.listeners.phases.items() if n > 0}
         return {
             "version": SNAPSHOT_VERSION,
             "time": now,

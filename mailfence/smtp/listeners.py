@@ -8,6 +8,7 @@ import errno
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -149,7 +150,8 @@ class Listeners:
         self.handler = handler
         self.tls = tls
         self.defense = defense
-        self.live: set[RelaySMTP] = set()
+        self.live: dict[RelaySMTP, None] = {}  # insertion order: the oldest first
+        self.phases: Counter[str] = Counter()  # live sessions per phase
         self.open_connections = 0  # admitted, including those still in a TLS handshake
         self.servers: list[asyncio.Server] = []
         self.draining = False
@@ -191,6 +193,7 @@ class Listeners:
             self.handler,
             config=self.config,
             live=self.live,
+            phases=self.phases,
             implicit_tls=False,
             tls_context=self.tls if listener.tls == "starttls" else None,
             address=proxy,
@@ -207,6 +210,7 @@ class Listeners:
             self.handler,
             config=self.config,
             live=self.live,
+            phases=self.phases,
             implicit_tls=listener.tls == "implicit",
             tls_context=self.tls if listener.tls == "starttls" else None,
             address=address,

@@ -1,8 +1,9 @@
 """One SMTP connection: aiosmtpd's SMTP protocol with the relay's rules around it.
 
 aiosmtpd does the protocol; this subclass adds what a relay needs per connection: it joins
-the live set (a `set`, as uvicorn does, so a snapshot is a copy), knows whether the channel is
-encrypted (implicit TLS is invisible to aiosmtpd), allows AUTH without TLS only from
+the live sessions (a dict: uvicorn keeps a set, but a dict is ordered, the oldest first),
+knows whether the channel is encrypted (implicit TLS is invisible to aiosmtpd), allows AUTH
+without TLS only from
 `auth.plaintext_networks`, says which phase it is in so shutdown can tell idle from busy,
 gives DATA its own timeout and adds enhanced status codes to aiosmtpd's own replies.
 """
@@ -15,6 +16,7 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr, cast
 
@@ -47,13 +49,18 @@ class RelaySMTP(SMTP):
         handler: Any,
         *,
         config: Config,
-        live: set[RelaySMTP],
+        live: dict[RelaySMTP, None],
         implicit_tls: bool,
         tls_context: Any,
         address: IPAddress,
         on_close: Callable[[IPAddress], None],
         proxy_protocol_timeout: float | None = None,
+        phases: Counter[str] | None = None,
     ) -> None:
+        # Sessions per phase, kept as phases change, so `top` never walks 10,000 sessions.
+        self._phases: Counter[str] = phases if phases is not None else Counter()
+        self._phase = "connect"
+        self._counted = False
         super().__init__(
             handler,
             data_size_limit=config.relay.max_message_bytes,
@@ -117,7 +124,9 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self.live.add(self)
+            self.live[self] = None  # a dict keeps insertion order: the oldest come first
+            self._counted = True
+            self._phases[self._phase] += 1
             self.phase = "greeting"
             self.decide_auth_in_clear()
         else:
@@ -133,8 +142,22 @@ class RelaySMTP(SMTP):
         user = session.auth_data if session is not None and session.authenticated else None
         return str(getattr(user, "name", "")) if user is not None else ""
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        if self._counted:
+            self._phases[self._phase] -= 1
+            self._phases[value] += 1
+        self._phase = value
+
     def connection_lost(self, error: Exception | None) -> None:
-        self.live.discard(self)
+        self.live.pop(self, None)
+        if self._counted:
+            self._counted = False
+            self._phases[self._phase] -= 1
         if self._on_close is not None:  # once: aiosmtpd may see more than one loss
             self._on_close(self.address)
             self._on_close = None
