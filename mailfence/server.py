@@ -46,6 +46,7 @@ from mailfence.smtp.tls import TLSSetupError, ensure_self_signed, server_context
 from mailfence.spool import Spool
 from mailfence.store import StoreError, Writer, connect, history, open_database
 from mailfence.store import defense as defense_table
+from mailfence.systemd import Notifier
 
 log = logging.getLogger("mailfence")
 
@@ -72,6 +73,8 @@ class Server:
     ) -> None:
         self.config = config
         self.flood_limiter = flood_limiter
+        self.notifier = Notifier.from_environment()  # systemd's Type=notify, if under it
+        self.systemd_status = ""
         self.install_signals = install_signals
         self.config_path = config_path
         self.should_exit = False
@@ -199,6 +202,8 @@ class Server:
             f"{listener.tls} {listener.host}:{port}"
             for listener, port in zip(config.listen, self.ports, strict=True)
         )
+        self.notifier.ready()  # the listeners are bound: systemd may start what depends on us
+        self._report_status()
         log.info(
             "mailfence ready: %s; state in %s; %d users; %d queued",
             described,
@@ -282,6 +287,17 @@ class Server:
             history.prune(conn, wall)
 
         await self.writer.run(write)
+
+    def _report_status(self) -> None:
+        """`systemctl status` shows this line; sent only when it changes."""
+        health = self.observer.health
+        text = (
+            f"{health.state}: {health.reason}; {self.listeners.open_connections} connections, "
+            f"{self.spool.size} queued"
+        )
+        if text != self.systemd_status:
+            self.systemd_status = text
+            self.notifier.status(text)
 
     def _on_health_change(self, previous: Health, health: Health) -> None:
         level = logging.INFO if health.state == "ok" else logging.WARNING
@@ -382,9 +398,15 @@ class Server:
 
     async def main_loop(self) -> None:
         next_housekeeping = 0.0
+        next_watchdog = 0.0
+        watchdog_interval = self.notifier.watchdog_interval
         while not self.should_exit:
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            # Sent from the loop itself: a stalled loop stops it, and systemd restarts us.
+            if watchdog_interval is not None and now >= next_watchdog:
+                next_watchdog = now + watchdog_interval
+                self.notifier.watchdog()
             try:
                 if self.reload_requested:
                     self.reload_requested = False
@@ -435,6 +457,7 @@ class Server:
         figures.bounced = reported.get("failed", 0)
         figures.restarts = restarts
         self.observer.tick(wall)
+        self._report_status()
         if self.flood_limiter is not None:
             self.flood_limiter.flush()  # the summary of what a flood's lines were folded into
         minute = int(wall // 60)
@@ -448,6 +471,13 @@ class Server:
 
     async def reload(self) -> None:
         """SIGHUP: users, the certificate, and the settings that can change live."""
+        self.notifier.reloading()
+        try:
+            await self._reload()
+        finally:
+            self.notifier.ready()
+
+    async def _reload(self) -> None:
         await self.accounts.reload()
         if self.config_path is not None:
             try:
@@ -475,6 +505,7 @@ class Server:
         deadline = time.monotonic() + (
             0.0 if self.force_exit else self.config.smtp.shutdown_timeout
         )
+        self.notifier.stopping()
         # 1. Stop accepting new connections.
         await self.listeners.stop_accepting()
         await self.control.close()
@@ -504,4 +535,5 @@ class Server:
         self.spool.close()
         await asyncio.to_thread(self.writer.close)
         self.watch_conn.close()
+        self.notifier.close()
         log.info("mailfence stopped")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import subprocess
@@ -115,13 +116,14 @@ connect_timeout = "2s"
             cwd=self.directory,
         )
 
-    def start(self) -> ServeProcess:
+    def start(self, env: dict[str, str] | None = None) -> ServeProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mailfence", "serve", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,0 +1,171 @@
+"""sd_notify: the exact datagrams a real Unix socket receives, and silence outside systemd."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailfence.systemd import Notifier
+from mailfence.testing import Sink
+
+from .conftest import ServeProcess
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket bound in tmp_path, standing in for systemd's notify socket."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(2)
+        yield sock, str(path)
+
+
+def received(sock: socket.socket) -> bytes:
+    return sock.recv(4096)
+
+
+def test_each_message_is_one_exact_datagram(receiver: tuple[socket.socket, str]) -> None:
+    sock, path = receiver
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": path})
+    assert notifier.enabled
+    notifier.ready()
+    assert received(sock) == b"READY=1"
+    notifier.status("ok: 2 listeners, 0 queued")
+    assert received(sock) == b"STATUS=ok: 2 listeners, 0 queued"
+    notifier.watchdog()
+    assert received(sock) == b"WATCHDOG=1"
+    notifier.stopping()
+    assert received(sock) == b"STOPPING=1"
+    notifier.close()
+
+
+def test_reloading_carries_the_monotonic_time(receiver: tuple[socket.socket, str]) -> None:
+    sock, path = receiver
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": path})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    match = re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=(\d+)", received(sock))
+    assert match is not None
+    assert before <= int(match.group(1)) <= after
+    notifier.close()
+
+
+def test_a_status_is_one_line(receiver: tuple[socket.socket, str]) -> None:
+    sock, path = receiver
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": path})
+    notifier.status("degraded:\nqueue above 80%")
+    assert received(sock) == b"STATUS=degraded: queue above 80%"
+    notifier.close()
+
+
+def test_abstract_namespace_socket() -> None:
+    name = f"mailfence-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        sock.settimeout(2)
+        notifier = Notifier.from_environment({"NOTIFY_SOCKET": "@" + name})
+        assert notifier.enabled
+        notifier.ready()
+        assert received(sock) == b"READY=1"
+        notifier.close()
+
+
+def test_without_notify_socket_nothing_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    notifier = Notifier.from_environment()
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+    notifier.ready()
+    notifier.status("ok")
+    notifier.reloading()
+    notifier.watchdog()
+    notifier.stopping()
+    notifier.close()
+    assert notifier._socket is None  # no socket was ever opened
+
+
+def test_a_missing_socket_is_not_an_error(tmp_path: Path) -> None:
+    # systemd went away, or the path is wrong: the relay carries on.
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    assert notifier.enabled
+    notifier.ready()
+    notifier.stopping()
+    notifier.close()
+
+
+def test_a_full_socket_does_not_block(receiver: tuple[socket.socket, str]) -> None:
+    # Nobody reads: the receive queue fills and sendto would block; it must not.
+    _, path = receiver
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": path})
+    started = time.monotonic()
+    for _ in range(5000):
+        notifier.status("x" * 200)
+    assert time.monotonic() - started < 5
+    notifier.close()
+
+
+def test_not_a_unix_socket_address() -> None:
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1234"})
+    assert not notifier.enabled
+    notifier.ready()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec(receiver: tuple[socket.socket, str]) -> None:
+    _, path = receiver
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}
+    assert Notifier.from_environment(env).watchdog_interval == 15.0
+    mine = {**env, "WATCHDOG_PID": str(os.getpid())}
+    assert Notifier.from_environment(mine).watchdog_interval == 15.0
+    # Meant for another process (e.g. inherited by a child): not ours to answer.
+    other = {**env, "WATCHDOG_PID": str(os.getpid() + 1)}
+    assert Notifier.from_environment(other).watchdog_interval is None
+    assert Notifier.from_environment({"NOTIFY_SOCKET": path}).watchdog_interval is None
+    bad = {**env, "WATCHDOG_USEC": "soon"}
+    assert Notifier.from_environment(bad).watchdog_interval is None
+
+
+@pytest.mark.slow
+def test_serve_talks_to_systemd(
+    serve_process: Callable[..., ServeProcess], sink: Sink, tmp_path: Path
+) -> None:
+    """`mailfence serve` under a fake systemd: a real datagram socket in NOTIFY_SOCKET."""
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(20)
+    relay = serve_process(sink.port)
+    try:
+        relay.start(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+
+        def messages_until(wanted: str) -> list[str]:
+            seen = []
+            while True:
+                message = listener.recv(4096).decode()
+                seen.append(message)
+                if wanted in message:
+                    return seen
+
+        seen = messages_until("READY=1")
+        # READY=1 comes once the listeners are bound: a connection works at once.
+        socket.create_connection(("127.0.0.1", relay.starttls_port), timeout=5).close()
+        seen += messages_until("WATCHDOG=1")
+        seen += messages_until("WATCHDOG=1")  # and again, every WatchdogSec / 2
+        assert any(m.startswith("STATUS=ok: ") for m in seen), seen
+        relay.signal(signal.SIGHUP)
+        reload = messages_until("READY=1")
+        assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in reload), reload
+        relay.signal(signal.SIGTERM)
+        assert "STOPPING=1" in messages_until("STOPPING=1")[-1]
+        assert relay.wait(30) == 0
+    finally:
+        listener.close()
