@@ -24,6 +24,8 @@ BareNewline = Literal["normalize", "reject"]
 DefenseMode = Literal["enforce", "monitor"]
 
 DEFAULT_CONFIG_NAME = "mailfence.toml"
+# Where `mailfence install systemd` puts the settings: commands find them without --config.
+SYSTEM_CONFIG = Path("/etc/mailfence/mailfence.toml")
 
 
 class ConfigError(Exception):
@@ -597,13 +599,21 @@ def _defense(sec: _Section) -> DefenseConfig:
     return result
 
 
+def default_path() -> Path | None:
+    """./mailfence.toml if present, else /etc/mailfence/mailfence.toml if present, else None
+    (the embedded defaults)."""
+    for candidate in (Path(DEFAULT_CONFIG_NAME), SYSTEM_CONFIG):
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def load(path: Path | None) -> Config:
-    """Loads `path`, or ./mailfence.toml if it exists, or the embedded defaults."""
+    """Loads `path`, or the default file (see `default_path`), or the embedded defaults."""
     if path is None:
-        default = Path(DEFAULT_CONFIG_NAME)
-        if not default.exists():
+        path = default_path()
+        if path is None:
             return Config()
-        path = default
     source = str(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -347,6 +347,12 @@ class Server:
             self.control.publish({"event": "defense_changed", "time": time.time()})
             return {"bans_in_force": len(self.defense.bans)}
 
+        async def users_changed(request: dict[str, Any]) -> dict[str, Any]:
+            # `mailfence users ...` wrote the database: the account works (or stops) now.
+            self.users_signature = await asyncio.to_thread(_users_signature, self.watch_conn)
+            await self.accounts.reload()
+            return {"users": len(self.accounts.users)}
+
         async def reload(request: dict[str, Any]) -> dict[str, Any]:
             self.reload_requested = True
             return {"reloading": True}
@@ -356,6 +362,7 @@ class Server:
             "health": health,
             "explain": explain,
             "defense-changed": defense_changed,
+            "users-changed": users_changed,
             "reload": reload,
         }
 

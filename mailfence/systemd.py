@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping
 
@@ -104,7 +105,7 @@ def _socket_address(value: str) -> str | bytes | None:
 
 
 def _watchdog_usec(env: Mapping[str, str]) -> int | None:
-    """WATCHDOG_USEC if it is meant for this process (WATCHDOG_PID unset or our pid)."""
+    """WATCHDOG_USEC if it is meant for this process (WATCHDOG_PID unset or ours)."""
     try:
         usec = int(env.get("WATCHDOG_USEC", ""))
     except ValueError:
@@ -114,8 +115,25 @@ def _watchdog_usec(env: Mapping[str, str]) -> int | None:
     pid = env.get("WATCHDOG_PID", "")
     if pid:
         try:
-            if int(pid) != os.getpid():
+            if int(pid) not in (os.getpid(), _onefile_bootloader()):
                 return None
         except ValueError:
             return None
     return usec
+
+
+def _onefile_bootloader() -> int | None:
+    """The pid systemd knows as the main process when we are a PyInstaller one-file binary.
+
+    Its bootloader unpacks the program and runs it as a child of the same executable, so
+    systemd's main PID (and WATCHDOG_PID) is our parent's. The unit has NotifyAccess=all so
+    that systemd takes the child's messages.
+    """
+    if not getattr(sys, "frozen", False):
+        return None
+    parent = os.getppid()
+    try:
+        same = os.readlink(f"/proc/{parent}/exe") == os.readlink("/proc/self/exe")
+    except OSError:
+        return None
+    return parent if same else None

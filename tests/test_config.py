@@ -142,3 +142,31 @@ def test_example_file_documents_exactly_the_defaults(
         for field in getattr(defaults, section).__dataclass_fields__:
             assert f"\n{field} =" in text or f"\n# {field} =" in text, f"{section}.{field}"
     assert os.path.basename(example) == "mailfence.example.toml"
+
+
+def test_commands_find_the_system_config_without_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = tmp_path / "etc" / "mailfence.toml"
+    system.parent.mkdir()
+    system.write_text('state_dir = "/var/lib/mailfence-test"\n')
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    monkeypatch.chdir(tmp_path)
+    assert config.load(None).state_dir == Path("/var/lib/mailfence-test")
+    (tmp_path / "mailfence.toml").write_text('state_dir = "here"\n')  # the local file first
+    assert config.load(None).state_dir == tmp_path / "here"
+
+
+def test_the_database_is_private(tmp_path: Path) -> None:
+    import stat
+
+    from mailfence.store import open_database
+
+    old = os.umask(0o022)
+    try:
+        conn = open_database(tmp_path / "state")
+    finally:
+        os.umask(old)
+    conn.close()
+    mode = (tmp_path / "state" / "mailfence.sqlite3").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600

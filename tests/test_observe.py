@@ -397,3 +397,38 @@ def test_explain_shows_live_counters(relay: RunningRelay, tmp_path: Path) -> Non
     assert live["open_connections_from_source"] == 1
     text = cli(relay, tmp_path, "explain", "127.49.0.3").stdout
     assert "2 distinct wrong password(s)" in text
+
+
+def test_a_new_user_can_log_in_as_soon_as_the_command_returns(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailfence",
+            "users",
+            "add",
+            "dave@example.com",
+            "--password-stdin",
+            "--config",
+            str(_cli_config(relay, tmp_path)),
+        ],
+        input="dave's password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    assert "dave@example.com" in relay.server.accounts.users  # told, not polled
+    client = session(relay, "127.50.0.1")
+    assert auth(client, "dave@example.com", "dave's password") == 235
+    client.quit()
+    assert control.request(relay.config.control_socket, "users-changed")["users"] == 2
+
+
+def _cli_config(relay: RunningRelay, tmp_path: Path) -> Path:
+    config = tmp_path / "cli.toml"
+    config.write_text(f'state_dir = "{relay.config.state_dir}"\n')
+    return config

@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,6 +134,34 @@ def test_watchdog_interval_is_half_of_watchdog_usec(receiver: tuple[socket.socke
     assert Notifier.from_environment({"NOTIFY_SOCKET": path}).watchdog_interval is None
     bad = {**env, "WATCHDOG_USEC": "soon"}
     assert Notifier.from_environment(bad).watchdog_interval is None
+
+
+CHILD = """
+import os, sys
+sys.frozen = {frozen}
+from mailfence.systemd import Notifier
+env = {{"NOTIFY_SOCKET": "/run/none", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": sys.argv[1]}}
+print(Notifier.from_environment(env).watchdog_interval)
+"""
+
+
+def watchdog_interval_in_child(frozen: bool, via_shell: bool) -> str:
+    """A real child of this process, as PyInstaller's one-file bootloader runs the relay."""
+    code = CHILD.format(frozen=frozen)
+    if via_shell:  # the parent is then /bin/sh, another executable
+        command = ["/bin/sh", "-c", f'"{sys.executable}" -c \'{code}\' "$$"; true']
+    else:
+        command = [sys.executable, "-c", code, str(os.getpid())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    return result.stdout.strip()
+
+
+def test_a_one_file_binary_answers_the_watchdog_for_its_bootloader() -> None:
+    # systemd's main PID is the bootloader (same executable), the relay its child.
+    assert watchdog_interval_in_child(frozen=True, via_shell=False) == "15.0"
+    # Not frozen, or a parent that is another program: the watchdog is someone else's.
+    assert watchdog_interval_in_child(frozen=False, via_shell=False) == "None"
+    assert watchdog_interval_in_child(frozen=True, via_shell=True) == "None"
 
 
 @pytest.mark.slow

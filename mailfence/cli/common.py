@@ -26,7 +26,8 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="Settings file (TOML). Default: ./mailfence.toml if present, else built-in defaults.",
+        help="Settings file (TOML). Default: ./mailfence.toml, else "
+        "/etc/mailfence/mailfence.toml, if present; else built-in defaults.",
         show_default=False,
     ),
 ]

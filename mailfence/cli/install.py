@@ -58,10 +58,12 @@ Wants=network-online.target
 
 [Service]
 # The relay says READY=1 once its listeners are bound, STATUS= on every health change,
-# WATCHDOG=1 every WatchdogSec/2 and STOPPING=1 when it drains. Only the main process may
-# speak for the service (the delivery child does not).
+# WATCHDOG=1 every WatchdogSec/2 and STOPPING=1 when it drains. NotifyAccess=all, not main:
+# the PyInstaller one-file binary is a bootloader (systemd's main PID) that runs the relay
+# as its child, and systemd would drop the child's READY=1 (start times out after 90 s).
+# Every process in the unit is mailfence's own; only the relay itself sends anything.
 Type=notify
-NotifyAccess=main
+NotifyAccess=all
 ExecStart={binary} serve --config /etc/mailfence/mailfence.toml
 # SIGHUP reloads users, the certificate and the settings that can change live.
 ExecReload=/bin/kill -HUP $MAINPID
@@ -107,10 +109,11 @@ RestrictRealtime=yes
 RestrictSUIDSGID=yes
 RemoveIPC=yes
 LockPersonality=yes
-# No memory both writable and executable. Checked with the zipapp and the PyInstaller one-file
-# binary (which unpacks into PrivateTmp and loads its libraries from there): argon2 and
-# cryptography are compiled extensions and nothing creates cffi or ctypes callbacks at run
-# time. Remove this line if a future dependency fails with "Operation not permitted" on mmap.
+# No memory both writable and executable. Checked with this unit under systemd 252 (and with
+# the kernel's PR_SET_MDWE, which newer systemd uses) for the zipapp and the PyInstaller
+# one-file binary, which unpacks into PrivateTmp and loads its libraries from there: argon2
+# and cryptography are compiled extensions, and nothing creates cffi or ctypes callbacks.
+# Remove this line if a future dependency fails with "Operation not permitted" on mmap.
 MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
@@ -220,10 +223,13 @@ def _write(path: Path, text: str, mode: int) -> Callable[[], None]:
     return change
 
 
-def _directory(path: Path, mode: int) -> Callable[[], None]:
+def _directory(path: Path, mode: int, owner: str | None = None) -> Callable[[], None]:
     def change() -> None:
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(mode)  # mkdir's mode is filtered by the umask, chmod's is not
+        if owner is not None:
+            user = pwd.getpwnam(owner)
+            os.chown(path, user.pw_uid, user.pw_gid)
 
     return change
 
@@ -276,22 +282,26 @@ def _plan(root: Path, binary: str, is_system: bool) -> list[Step]:
             )
         )
 
-    for directory, mode in ((STATE_DIR, 0o700), (CONFIG_DIR, 0o755)):
+    # The state directory belongs to the service user (systemd would hand it over on the
+    # first start anyway), so that `runuser -u mailfence -- mailfence users add` works at once.
+    state_owner = SERVICE_USER if is_system else None
+    for directory, mode, owner in ((STATE_DIR, 0o700, state_owner), (CONFIG_DIR, 0o755, None)):
         path = _under(root, directory)
+        what = f"mode {mode:04o}" + (f", owner {owner}" if owner else "")
         if path.is_dir():
             steps.append(
                 Step(
-                    f"set the mode of {path} to {mode:04o}",
-                    f"{path} exists; mode set to {mode:04o}",
-                    _directory(path, mode),
+                    f"set {path} to {what}",
+                    f"{path} exists; set to {what}",
+                    _directory(path, mode, owner),
                 )
             )
         else:
             steps.append(
                 Step(
-                    f"create {path} (mode {mode:04o})",
-                    f"created {path} (mode {mode:04o})",
-                    _directory(path, mode),
+                    f"create {path} ({what})",
+                    f"created {path} ({what})",
+                    _directory(path, mode, owner),
                 )
             )
 

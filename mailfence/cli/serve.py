@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from mailfence import config as config_module
 from mailfence.cli.common import EXIT_STARTUP, ConfigOption, fail, load_config
@@ -35,8 +34,8 @@ def serve(config: ConfigOption = None) -> None:
     # aiosmtpd logs every command at INFO; that is a debugging aid, not an operator's log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     path = config
-    if path is None and Path(config_module.DEFAULT_CONFIG_NAME).exists():
-        path = Path(config_module.DEFAULT_CONFIG_NAME)
+    if path is None:
+        path = config_module.default_path()
     try:
         Server(settings, path, flood_limiter=flood_limiter).run()
     except StartupError as error:

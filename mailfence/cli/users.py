@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from mailfence.auth import make_hasher
-from mailfence.cli.common import ConfigOption, database, fail, out, read_password
+from mailfence.cli.common import ConfigOption, database, fail, out, read_password, tell_server
 from mailfence.store import users as user_table
 from mailfence.store.users import UserError
 
@@ -49,6 +49,7 @@ def add(
             user_table.add(conn, user, password_hash, sender or [])
         except UserError as error:
             fail(str(error))
+    tell_server(settings, "users-changed")  # a running relay knows the account at once
     out.print(f"added {user}", markup=False)
 
 
@@ -92,15 +93,17 @@ def passwd(
             user_table.set_password(conn, user, make_hasher(settings.auth).hash(password))
         except UserError as error:
             fail(str(error))
+    tell_server(settings, "users-changed")
     out.print(f"password changed for {user}", markup=False)
 
 
 def _set_disabled(user: str, disabled: bool, config: ConfigOption) -> None:
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         try:
             user_table.set_disabled(conn, user, disabled)
         except UserError as error:
             fail(str(error))
+    tell_server(settings, "users-changed")
     out.print(f"{'disabled' if disabled else 'enabled'} {user}", markup=False)
 
 
@@ -128,9 +131,10 @@ def delete(user: str, config: ConfigOption = None) -> None:
 
     Example: mailfence users delete alerts@example.com
     """
-    with database(config) as (_, conn):
+    with database(config) as (settings, conn):
         try:
             user_table.delete(conn, user)
         except UserError as error:
             fail(str(error))
+    tell_server(settings, "users-changed")
     out.print(f"deleted {user}", markup=False)

@@ -7,6 +7,7 @@ disk (DESIGN.md, "Storage").
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -156,7 +157,12 @@ def open_database(state_dir: Path) -> sqlite3.Connection:
     """Creates the state directory if needed, opens the database, runs migrations."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = connect(state_dir / "mailfence.sqlite3")
+        path = state_dir / "mailfence.sqlite3"
+        conn = connect(path)
+        # Password hashes and the queue: readable by the relay's user only, whoever made it.
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if file.exists() and file.stat().st_uid == os.getuid():
+                file.chmod(0o600)
         migrate(conn)
     except (OSError, sqlite3.Error) as error:
         raise StoreError(f"cannot open the database in {state_dir}: {error}") from error
