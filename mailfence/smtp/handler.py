@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import inspect
 import logging
 import re
 import time
@@ -86,6 +87,11 @@ _OUTCOME_NAMES = {
 
 
 class RelayHandler:
+    def __dir__(self) -> list[str]:
+        # aiosmtpd reads the handler's hooks per session with inspect.getmembers and dir():
+        # list only what it looks for (see RelaySMTP.__dir__).
+        return _HOOK_NAMES
+
     def __init__(
         self, config: Config, authenticator: Authenticator, spool: Spool, defense: Defense
     ) -> None:
@@ -394,3 +400,10 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.exception("unexpected error in an SMTP session")
         return "451 4.3.0 Local error in processing"
+
+
+_HOOK_NAMES = sorted(name for name in vars(RelayHandler) if name.startswith(("handle_", "auth_")))
+# aiosmtpd inspects handle_EHLO's signature for every session; give it the answer ready.
+RelayHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    RelayHandler.handle_EHLO
+)
