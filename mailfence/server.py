@@ -46,12 +46,14 @@ from mailfence.smtp.tls import TLSSetupError, ensure_self_signed, server_context
 from mailfence.spool import Spool
 from mailfence.store import StoreError, Writer, connect, history, open_database
 from mailfence.store import defense as defense_table
+from mailfence.store.writer import checkpoint
 from mailfence.systemd import Notifier
 
 log = logging.getLogger("mailfence")
 
 TICK = 0.1
 SWITCH_INTERVAL = 0.001
+CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (writers never do their own)
 
 
 class StartupError(Exception):
@@ -84,6 +86,7 @@ class Server:
         self.ready_event: asyncio.Event | None = None
         self.ports: list[int] = []
         self.next_cleanup = 0.0
+        self.next_checkpoint = 0.0
 
     # --- entry points --------------------------------------------------------------------
 
@@ -471,6 +474,9 @@ class Server:
         if minute != self.history_minute:
             self.history_minute = minute
             await self._roll_up(wall)
+        if now >= self.next_checkpoint:
+            self.next_checkpoint = now + CHECKPOINT_INTERVAL
+            await asyncio.to_thread(checkpoint, self.watch_conn)
         if now >= self.next_cleanup:
             self.next_cleanup = now + 60.0
             self.defense.housekeeping(wall)

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from mailfence.auth import CredentialCache
 from mailfence.smtp import replies
 from mailfence.store import Writer, open_database
@@ -167,3 +169,27 @@ def test_writer_queue_is_bounded_and_loses_nothing(tmp_path: Path) -> None:
     assert asyncio.run(main()) == list(range(10))
     writer.close()
     conn.close()
+
+
+def test_the_wal_is_checkpointed_on_a_timer_not_by_commits(
+    start_relay: StartRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailfence.server as server_module
+    from mailfence.store.writer import checkpoint
+
+    calls: list[float] = []
+
+    def spy(conn: sqlite3.Connection) -> None:
+        calls.append(time.monotonic())
+        checkpoint(conn)
+
+    monkeypatch.setattr(server_module, "checkpoint", spy)
+    monkeypatch.setattr(server_module, "CHECKPOINT_INTERVAL", 0.5)
+    relay = start_relay()
+    # The writer never checkpoints inside a commit (a client's 250 would wait for it)...
+    assert relay.server.writer._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    # ...so the server does, every CHECKPOINT_INTERVAL, keeping the WAL file bounded.
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(calls) >= 3

@@ -61,12 +61,16 @@ def limited() -> tuple[FloodLimiter, Collect, Clock]:
 @pytest.fixture
 def mailfence_logger() -> Iterator[logging.Logger]:
     """The "mailfence" logger, put back as it was: other tests rely on it propagating."""
+    from mailfence.observe import logs
+
     logger = logging.getLogger("mailfence")
     saved = logger.handlers[:], logger.level, logger.propagate
+    active = logs._active  # configure_logging makes its limiter the hot paths' one
     yield logger
     for handler in logger.handlers:
         handler.close()
     logger.handlers[:], logger.level, logger.propagate = saved
+    logs._active = active
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -225,3 +229,25 @@ def test_the_counter_is_exact_below_its_bound() -> None:
     assert counter.most_common(2) == [("a", 3), ("b", 2)] and counter.exact
     counter.add("d")  # a fourth key: every count pays one
     assert counter.most_common(3) == [("a", 2), ("b", 1)] and not counter.exact
+
+
+def test_hot_paths_skip_records_the_limiter_would_drop(
+    mailfence_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailfence.observe import logs
+
+    stream = io.StringIO()
+    limiter = configure_logging("json", "info", stream, flood_lines=2, flood_window=60.0)
+    assert logs._active is limiter
+    written = 0
+    for n in range(5):
+        fields = {"peer": f"192.0.2.{n % 2}", "user": "admin"}
+        if not logs.suppressed("auth refused", fields):
+            mailfence_logger.info("refused", extra={"flood": "auth refused", "fields": fields})
+            written += 1
+    assert written == 2 and len(json_lines(stream)) == 2
+    lost = limiter.suppressed["auth refused"]
+    assert lost.lines == 3 and dict(lost.peers.counts) == {"192.0.2.0": 2, "192.0.2.1": 1}
+    # Without a configured limiter (tests, libraries), nothing is ever suppressed.
+    monkeypatch.setattr(logs, "_active", None)
+    assert not logs.suppressed("auth refused", {})

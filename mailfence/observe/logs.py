@@ -192,16 +192,29 @@ class FloodLimiter(logging.Filter):
         return summaries
 
     def _count(self, category: str, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None)
+        self._count_fields(category, fields if isinstance(fields, Mapping) else {})
+
+    def _count_fields(self, category: str, fields: Mapping[str, object]) -> None:
         suppression = self.suppressed.get(category)
         if suppression is None:
             suppression = self.suppressed[category] = Suppression()
         suppression.lines += 1
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
-            if (peer := fields.get("peer")) is not None:
-                suppression.peers.add(_label(peer))
-            if (user := fields.get("user")) is not None:
-                suppression.users.add(_label(user))
+        if (peer := fields.get("peer")) is not None:
+            suppression.peers.add(_label(peer))
+        if (user := fields.get("user")) is not None:
+            suppression.users.add(_label(user))
+
+    def absorb(self, category: str, fields: Mapping[str, object]) -> bool:
+        """For hot paths: True when a line of `category` would be suppressed now. It is
+        then counted here, and the caller skips building a record only to have it dropped
+        (during a flood, most of what logging would cost)."""
+        self._write(self._end_window_if_due())
+        with self._lock:
+            if self._passed.get(category, 0) < self.lines:
+                return False
+            self._count_fields(category, fields)
+            return True
 
     def _end_window_if_due(self) -> list[logging.LogRecord]:
         now = self._clock()
@@ -258,6 +271,15 @@ class _ConfiguredHandler(logging.StreamHandler[TextIO]):
     """Marks the handler configure_logging installed, so that a second call replaces it."""
 
 
+_active: FloodLimiter | None = None  # the limiter of the handler configure_logging made
+
+
+def suppressed(category: str, fields: Mapping[str, object]) -> bool:
+    """True when a flood line of `category` is to be dropped (and has been counted)."""
+    limiter = _active
+    return limiter is not None and limiter.absorb(category, fields)
+
+
 def configure_logging(
     format: str,
     level: str,
@@ -285,6 +307,11 @@ def configure_logging(
     handler.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(TEXT_FORMAT))
     limiter = FloodLimiter(flood_lines, flood_window)
     limiter.attach(handler)
+    global _active
+    _active = limiter
+    # Nothing here prints process or thread names: not looking them up saves every record
+    # a few system calls.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logger.addHandler(handler)
     logger.setLevel(LEVELS[level.lower()])
     logger.propagate = False

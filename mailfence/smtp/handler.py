@@ -24,6 +24,7 @@ from mailfence.auth import Authenticator, Outcome
 from mailfence.config import Config
 from mailfence.defense import AuthAction, Ban, Defense
 from mailfence.defense.net import IPNetwork, parse_ip
+from mailfence.observe import logs
 from mailfence.observe.figures import Totals
 from mailfence.smtp import replies
 from mailfence.smtp.session import RelaySMTP
@@ -60,21 +61,21 @@ def _ignore_known_good(user: str, prefix: IPNetwork, when: float) -> None:
 
 
 def _log_refusal(name: str, address: object, reason: str) -> None:
+    fields = {
+        "event": "auth",
+        "outcome": "refused",
+        "user": name,
+        "peer": str(address),
+        "reason": reason,
+    }
+    if logs.suppressed("auth refused", fields):
+        return  # counted for the flood summary, no record built
     log.info(
         "auth refused user=%r peer=%s: %s",
         name,
         address,
         reason,
-        extra={
-            "flood": "auth refused",
-            "fields": {
-                "event": "auth",
-                "outcome": "refused",
-                "user": name,
-                "peer": str(address),
-                "reason": reason,
-            },
-        },
+        extra={"flood": "auth refused", "fields": fields},
     )
 
 
@@ -189,14 +190,15 @@ class RelayHandler:
         extra: dict[str, Any] = {"fields": fields}
         if verdict.outcome is not Outcome.OK:
             extra["flood"] = "auth failed"
-        log.info(
-            "auth %s user=%r peer=%s lane=%s",
-            server.auth_result,
-            name,
-            address,
-            answered_lane,
-            extra=extra,
-        )
+        if "flood" not in extra or not logs.suppressed("auth failed", fields):
+            log.info(
+                "auth %s user=%r peer=%s lane=%s",
+                server.auth_result,
+                name,
+                address,
+                answered_lane,
+                extra=extra,
+            )
         if verdict.outcome is Outcome.OK:
             server.phase = "authenticated"
             server.authenticated()

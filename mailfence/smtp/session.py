@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from mailfence.config import Config
 from mailfence.defense.net import IPAddress
+from mailfence.observe import logs
 from mailfence.smtp import replies
 
 log = logging.getLogger("mailfence.smtp")
@@ -224,6 +225,8 @@ class RelaySMTP(SMTP):
         extra: dict[str, Any] = {"fields": fields}
         if not user:
             extra["flood"] = "session"
+            if logs.suppressed("session", fields):
+                return
         log.info(
             "session peer=%s user=%r tls=%s auth=%s messages=%s seconds=%.1f bytes=%d",
             self.address,
