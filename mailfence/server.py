@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import signal
 import sqlite3
@@ -54,6 +55,13 @@ log = logging.getLogger("mailfence")
 TICK = 0.1
 SWITCH_INTERVAL = 0.001
 CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (writers never do their own)
+
+
+def _network(value: object) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address or network") from None
 
 
 class StartupError(Exception):
@@ -350,6 +358,46 @@ class Server:
             self.control.publish({"event": "defense_changed", "time": time.time()})
             return {"bans_in_force": len(self.defense.bans)}
 
+        async def ban(request: dict[str, Any]) -> dict[str, Any]:
+            # The same as `mailfence ban`, for tools that hold only the socket.
+            network = _network(request.get("network"))
+            now = time.time()
+            permanent = bool(request.get("permanent", False))
+            seconds = float(request.get("seconds", 7200.0))
+            if not permanent and seconds <= 0:
+                raise ValueError("seconds must be positive (or permanent: true)")
+            reason = str(request.get("reason") or "banned by an operator")
+            record = Ban(network, None if permanent else now + seconds, reason, "manual", now)
+
+            def write(conn: sqlite3.Connection) -> None:
+                defense_table.lift(conn, network, now)  # a new ban replaces the old one
+                defense_table.insert_ban(conn, record)
+
+            await self.writer.run(write)
+            await self._load_defense_state(initial=False)
+            self.observer.ban_recorded(str(network), reason, "manual", record.until)
+            self.control.publish(
+                {
+                    "event": "ban",
+                    "network": str(network),
+                    "reason": reason,
+                    "until": record.until,
+                    "source": "manual",
+                }
+            )
+            return {"network": str(network), "until": record.until}
+
+        async def unban(request: dict[str, Any]) -> dict[str, Any]:
+            network = _network(request.get("network"))
+            lifted = await self.writer.run(
+                lambda conn: defense_table.lift(conn, network, time.time())
+            )
+            if not lifted:
+                raise ValueError(f"no ban in force on exactly {network}")
+            await self._load_defense_state(initial=False)
+            self.control.publish({"event": "unban", "network": str(network)})
+            return {"network": str(network), "lifted": lifted}
+
         async def users_changed(request: dict[str, Any]) -> dict[str, Any]:
             # `mailfence users ...` wrote the database: the account works (or stops) now.
             self.users_signature = await asyncio.to_thread(_users_signature, self.watch_conn)
@@ -364,6 +412,8 @@ class Server:
             "snapshot": snapshot,
             "health": health,
             "explain": explain,
+            "ban": ban,
+            "unban": unban,
             "defense-changed": defense_changed,
             "users-changed": users_changed,
             "reload": reload,

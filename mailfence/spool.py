@@ -93,6 +93,13 @@ def count(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
 
 
+def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """Queued messages by state: "new" (not tried yet) and "deferred" (tried, retrying)."""
+    row = conn.execute("SELECT count(*), total(attempts > 0) FROM spool").fetchone()
+    deferred = int(row[1])
+    return {"new": int(row[0]) - deferred, "deferred": deferred}
+
+
 _META = "id, created, mail_from, auth_user, size, is_bounce, attempts, next_attempt, last_error"
 
 
@@ -228,6 +235,7 @@ class Spool:
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="mailfence-spool-read")
         self.max_messages = max_messages
         self.size = 0
+        self.by_state: dict[str, int] = {"new": 0, "deferred": 0}  # as of the last refresh
         # Set whenever a message is queued, so delivery starts without waiting for a poll;
         # `on_arrival` tells a delivery process elsewhere the same thing.
         self.arrived = asyncio.Event()
@@ -297,8 +305,9 @@ class Spool:
             self.arrived.set()
 
     async def refresh_size(self) -> None:
-        """Picks up changes made by `mailfence queue delete` from another process."""
-        self.size = await self.read(count)
+        """Picks up changes made by `mailfence queue delete` or the delivery process."""
+        self.by_state = await self.read(count_by_state)
+        self.size = sum(self.by_state.values())
 
     def close(self) -> None:
         self._read_thread.shutdown(wait=True)

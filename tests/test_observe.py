@@ -288,6 +288,8 @@ def test_degraded_and_back_with_one_webhook_post_per_change(
         wait_for(lambda: cli(relay, tmp_path, "status").returncode == 1)
         degraded = cli(relay, tmp_path, "status")
         assert degraded.stdout.startswith("degraded: queue 3 of 4 messages")
+        # Tried and refused by the dead upstream: deferred, as the snapshot and metrics say.
+        wait_for(lambda: snapshot(relay)["spool"]["by_state"] == {"new": 0, "deferred": 3})
         for message in json.loads(cli(relay, tmp_path, "queue", "list", "--json").stdout):
             assert cli(relay, tmp_path, "queue", "delete", message["id"]).returncode == 0
         wait_for(lambda: cli(relay, tmp_path, "status").returncode == 0)
@@ -432,3 +434,24 @@ def _cli_config(relay: RunningRelay, tmp_path: Path) -> Path:
     config = tmp_path / "cli.toml"
     config.write_text(f'state_dir = "{relay.config.state_dir}"\n')
     return config
+
+
+def test_control_socket_bans_and_unbans_at_once(relay: RunningRelay) -> None:
+    from .test_defense_e2e import banner
+
+    path = relay.config.control_socket
+    answer = control.request(
+        path, "ban", {"network": "127.51.0.9", "seconds": 3600, "reason": "from a script"}
+    )
+    assert answer["ok"] and answer["network"] == "127.51.0.9/32"
+    assert banner(relay, "127.51.0.9").startswith(b"421 ")  # no second's wait
+    assert snapshot(relay)["recent_bans"][0]["reason"] == "from a script"
+    assert control.request(path, "unban", {"network": "127.51.0.9"})["lifted"] == 1
+    assert banner(relay, "127.51.0.9").startswith(b"220 ")
+    again = control.request(path, "unban", {"network": "127.51.0.9"})
+    assert again == {"ok": False, "error": "no ban in force on exactly 127.51.0.9/32"}
+    bad = control.request(path, "ban", {"network": "not-an-address"})
+    assert bad["ok"] is False and "is not an address" in bad["error"]
+    permanent = control.request(path, "ban", {"network": "127.52.0.0/24", "permanent": True})
+    assert permanent["until"] is None
+    assert banner(relay, "127.52.0.4").startswith(b"554 ")

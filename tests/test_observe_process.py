@@ -104,6 +104,10 @@ def test_json_log_sessions_and_flood_summary(
     assert len(customer[0]["messages"]) == 1
     queued = [line for line in lines if line.get("event") == "queued"]
     assert [q["id"] for q in queued] == customer[0]["messages"]
+    # The delivery process logs the same way: one object per attempt, with each result.
+    deliveries = [line for line in lines if line.get("event") == "delivery"]
+    assert [(d["id"], d["delivered"]) for d in deliveries] == [(queued[0]["id"], 1)]
+    assert deliveries[0]["results"]["x@example.org"].startswith("delivered 250")
     # Ten failed logins: three lines, then a summary that counts the other seven.
     failed = [line for line in lines if line.get("event") == "auth" and line["outcome"] == "failed"]
     assert len(failed) == 3

@@ -222,6 +222,33 @@ def test_zipapp_runs_on_the_system_python(tmp_path: Path) -> None:
     assert result.ready_seconds < 30
 
 
+@pytest.mark.slow
+def test_pyinstaller_binary_runs(tmp_path: Path) -> None:
+    """The one-file binary, built as `make dist-binary` does, smoke-tested the same way."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pyinstaller"),
+            "--noconfirm",
+            "--log-level",
+            "WARN",
+            "--distpath",
+            str(tmp_path / "dist"),
+            "--workpath",
+            str(tmp_path / "build"),
+            str(root / "packaging" / "mailfence.spec"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    result = smoke(tmp_path / "dist" / "mailfence", workdir)
+    assert result.ready_seconds < 30
+
+
 def main(paths: list[str]) -> None:
     """`make dist-check`: smoke-test each artefact, three starts each, and print the figures."""
     for name in paths:

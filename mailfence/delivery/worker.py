@@ -417,13 +417,29 @@ class Delivery:
         self.counters.failed += len(newly_failed)
         if bounce is not None:
             self.counters.bounces_queued += 1
+        delivered = sum(r.state == "delivered" for r in results.values())
         log.info(
             "attempt id=%s delivered=%d deferred=%d failed=%d%s",
             message.id,
-            sum(r.state == "delivered" for r in results.values()),
+            delivered,
             len(pending),
             len(newly_failed),
             " (bounce queued)" if bounce else "",
+            extra={
+                "fields": {
+                    "event": "delivery",
+                    "id": message.id,
+                    "attempt": message.attempts + 1,
+                    "delivered": delivered,
+                    "deferred": len(pending),
+                    "failed": len(newly_failed),
+                    "bounce_queued": bounce is not None,
+                    "last_error": last_error,
+                    "results": {
+                        r.address: f"{r.state} {r.reply}".strip() for r in results.values()
+                    },
+                }
+            },
         )
 
     async def _record(

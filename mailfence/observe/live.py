@@ -158,6 +158,7 @@ class Observer:
             "pool_busy": dict(self.pool.busy_by_lane),
             "pool_queued": {lane: len(q) for lane, q in self.pool.waiting.items()},
             "spool_size": self.spool.size,
+            "spool_by_state": dict(self.spool.by_state),
             "health": self.health.state,
             "under_attack": self.defense.under_attack,
             "auth_seconds": {
@@ -219,7 +220,11 @@ class Observer:
                     lane: _ms(_p99(list(waits))) for lane, waits in pool.recent_waits.items()
                 },
             },
-            "spool": {"size": self.spool.size, "max": self.config.spool.max_messages},
+            "spool": {
+                "size": self.spool.size,
+                "max": self.config.spool.max_messages,
+                "by_state": dict(self.spool.by_state),
+            },
             "time_to_250_p99_ms": _ms(self.totals.to_250_seconds.quantile(0.99)),
             "top_sources": _top(self.totals.failures_by_source, "source"),
             "top_users": _top(self.totals.failures_by_user, "user"),

@@ -92,9 +92,12 @@ class RelayCollector(Collector):
             queued.add_metric([lane], n)
         yield queued
         spool = GaugeMetricFamily(
-            "mailfence_spool_messages", "Messages in the queue, by state.", labels=["state"]
+            "mailfence_spool_messages",
+            "Messages in the queue, by state: new (not tried yet) or deferred (retrying).",
+            labels=["state"],
         )
-        spool.add_metric(["queued"], f["spool_size"])
+        for state, n in sorted(f["spool_by_state"].items()):
+            spool.add_metric([state], n)
         yield spool
         health = GaugeMetricFamily(
             "mailfence_health", "1 for the current health state.", labels=["state"]
