@@ -256,13 +256,22 @@ class VerificationPool:
         try:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            ok = await loop.run_in_executor(
+            job = loop.run_in_executor(
                 self._executor, verify_password, self._hasher, password_hash, password
             )
-            self.recent_seconds.append(time.perf_counter() - started)
-            return ok
-        finally:
+        except BaseException:
             self._release(lane)
+            raise
+
+        def finished(job: asyncio.Future[bool]) -> None:
+            # The slot is free when the hash has finished, not when the client gave up: a
+            # session dropped mid-AUTH must not let another hash start on a busy core.
+            self._release(lane)
+            if not job.cancelled() and job.exception() is None:
+                self.recent_seconds.append(time.perf_counter() - started)
+
+        job.add_done_callback(finished)
+        return await asyncio.shield(job)
 
     def decoy_delay(self) -> float:
         """How long a real verification takes now, drawn from recent ones."""

@@ -259,6 +259,30 @@ def test_strangers_share_one_connection_rate_and_customers_are_exempt() -> None:
     assert stranger(2000, 20.5) is Action.ALLOW  # the bucket refills
 
 
+def test_one_host_hammering_the_door_does_not_spend_the_strangers_share() -> None:
+    core = defense(unknown_connections_per_second=10, connection_rate_per_ip=5)
+    hammer = ip("198.51.100.66")
+    hammered: list[Action] = []
+    others: list[Action] = []
+    # For two and a half seconds one address connects 800 times a second while other
+    # strangers come a little under the shared rate (8 a second). The hammer is over its
+    # own limit after a few, and those refusals must not use up the tokens strangers share.
+    for step in range(20):
+        start = 50.0 + step / 8
+        stranger = ip(f"203.0.113.{step + 1}")
+        for n in range(100):
+            when = start + n / 800  # the hammer never pauses
+            if n == 50:
+                others.append(core.on_connect(stranger, when, 0, 1000).action)
+                core.on_disconnect(stranger)
+            hammered.append(core.on_connect(hammer, when, 0, 1000).action)
+            core.on_disconnect(hammer)
+    admitted_hammer = hammered.count(Action.ALLOW)
+    assert 1 <= admitted_hammer <= 5
+    # Each of the hammer's few admitted connections may have cost one stranger its turn.
+    assert others.count(Action.ALLOW) >= len(others) - admitted_hammer
+
+
 def test_auth_attempts_per_session() -> None:
     core = defense(auth_attempts_per_session=3)
     address = ip("198.51.100.30")
@@ -345,3 +369,12 @@ def test_the_door_memory_of_refused_strangers_is_bounded() -> None:
     for n in range(core_module.MAX_REMEMBERED_REFUSALS + 50):
         core.on_connect(ipaddress.IPv4Address(0x0B000000 + n), 5.0, 0, 1000)
     assert len(core._door_refused) <= core_module.MAX_REMEMBERED_REFUSALS
+
+
+def test_a_clock_stepped_back_does_not_drain_the_strangers_rate() -> None:
+    from mailfence.defense.windows import TokenBucket
+
+    bucket = TokenBucket(rate=10, burst=2)
+    assert bucket.take(1000.0) and bucket.take(1000.0) and not bucket.take(1000.0)
+    assert not bucket.take(400.0)  # NTP stepped the clock back ten minutes
+    assert bucket.take(400.1)  # refilling resumes from there, a tenth of a second later

@@ -83,6 +83,29 @@ def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     asyncio.run(main())
 
 
+def test_a_session_that_leaves_mid_hash_holds_its_thread_until_the_hash_ends() -> None:
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=2, known_queue=8, unknown_queue=8, unknown_threads=1)
+        hashing = asyncio.create_task(pool.verify(digest, b"guess", "unknown"))
+        await asyncio.sleep(0.05)  # the hash is running on its thread now
+        hashing.cancel()  # the bot hung up in the middle of AUTH
+        await asyncio.sleep(0)
+        # The thread still hashes, so the strangers' share is still in use: a second
+        # stranger must wait rather than start a second hash beside it.
+        assert pool.busy_by_lane["unknown"] == 1
+        follower = asyncio.create_task(pool.verify(digest, b"guess 2", "unknown"))
+        await asyncio.sleep(0)
+        assert pool.busy_by_lane["unknown"] == 1 and len(pool.waiting["unknown"]) == 1
+        assert not await follower
+        assert hashing.cancelled()
+        assert pool.busy == 0 and pool.busy_by_lane == {"known": 0, "retry": 0, "unknown": 0}
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
 def test_retry_tickets_are_bounded_and_lead_to_the_retry_lane() -> None:
     from mailfence import auth
     from mailfence.auth import Accounts, Authenticator, CredentialCache

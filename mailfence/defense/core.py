@@ -183,30 +183,32 @@ class Defense:
             action = Action.BANNED_PERMANENT if ban.permanent else Action.BANNED
             return ConnectVerdict(action, f"banned: {ban.reason}", ban)
         source, prefix = self._networks(address)
-        known = self._known_prefixes[prefix] > 0
+        if self._known_prefixes[prefix] > 0:
+            return ConnectVerdict(Action.ALLOW, known_good=True)  # customers' networks: no limits
         config = self.config
-        if not known:
-            # All strangers together: a flood from thousands of addresses never reaches any
-            # one address's limit, but each admitted connection costs a TLS handshake.
-            if not self._rate_unknown.take(now) and not self._patient_stranger(address, now):
-                return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
-            # A share of the slots is kept for sources customers have logged in from.
-            if live_total >= max_total * (1.0 - config.known_good_reserved):
-                return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
-            per_source = (
-                config.attack_max_connections_per_ip
-                if self.under_attack
-                else config.max_connections_per_ip
-            )
-            if self.live_sources[source] >= per_source:
-                return ConnectVerdict(Action.LIMIT, "too many connections from this address")
-        if self.live_prefixes[prefix] >= config.max_connections_per_prefix and not known:
+        # The stranger's own limits come first: one host hammering the door is refused on its
+        # own account and never spends the tokens other strangers share.
+        per_source = (
+            config.attack_max_connections_per_ip
+            if self.under_attack
+            else config.max_connections_per_ip
+        )
+        if self.live_sources[source] >= per_source:
+            return ConnectVerdict(Action.LIMIT, "too many connections from this address")
+        if self.live_prefixes[prefix] >= config.max_connections_per_prefix:
             return ConnectVerdict(Action.LIMIT, "too many connections from this network")
-        if self._rate_source.add(source, now) > config.connection_rate_per_ip and not known:
+        if self._rate_source.add(source, now) > config.connection_rate_per_ip:
             return ConnectVerdict(Action.LIMIT, "connecting too often from this address")
-        if self._rate_prefix.add(prefix, now) > config.connection_rate_per_prefix and not known:
+        if self._rate_prefix.add(prefix, now) > config.connection_rate_per_prefix:
             return ConnectVerdict(Action.LIMIT, "connecting too often from this network")
-        return ConnectVerdict(Action.ALLOW, known_good=known)
+        # A share of the slots is kept for sources customers have logged in from.
+        if live_total >= max_total * (1.0 - config.known_good_reserved):
+            return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
+        # All strangers together, last: a flood from thousands of addresses never reaches any
+        # one address's limit, but each admitted connection costs a TLS handshake.
+        if not self._rate_unknown.take(now) and not self._patient_stranger(address, now):
+            return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
+        return ConnectVerdict(Action.ALLOW)
 
     def _patient_stranger(self, address: IPAddress, now: float) -> bool:
         """A stranger turned away by the strangers' rate that came back like a mail server

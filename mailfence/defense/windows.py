@@ -133,7 +133,9 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         if self._stamp is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            # A clock stepped back must not drain the bucket (and refuse everyone for as long).
+            elapsed = max(0.0, now - self._stamp)
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
         self._stamp = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
