@@ -95,9 +95,9 @@ def count(conn: sqlite3.Connection) -> int:
 
 def count_by_state(conn: sqlite3.Connection) -> dict[str, int]:
     """Queued messages by state: "new" (not tried yet) and "deferred" (tried, retrying)."""
-    row = conn.execute("SELECT count(*), total(attempts > 0) FROM spool").fetchone()
-    deferred = int(row[1])
-    return {"new": int(row[0]) - deferred, "deferred": deferred}
+    queued = int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
+    deferred = int(conn.execute("SELECT count(*) FROM spool WHERE attempts > 0").fetchone()[0])
+    return {"new": queued - deferred, "deferred": deferred}
 
 
 _META = "id, created, mail_from, auth_user, size, is_bounce, attempts, next_attempt, last_error"
