@@ -460,25 +460,44 @@ class Server:
         next_housekeeping = 0.0
         next_watchdog = 0.0
         watchdog_interval = self.notifier.watchdog_interval
-        while not self.should_exit:
-            await asyncio.sleep(TICK)
-            now = time.monotonic()
-            # Sent from the loop itself: a stalled loop stops it, and systemd restarts us.
-            if watchdog_interval is not None and now >= next_watchdog:
-                next_watchdog = now + watchdog_interval
-                self.notifier.watchdog()
-            try:
-                if self.reload_requested:
-                    self.reload_requested = False
-                    await self.reload()
-                if now >= next_housekeeping:
+        tending: asyncio.Task[None] | None = None
+        try:
+            while not self.should_exit:
+                await asyncio.sleep(TICK)
+                now = time.monotonic()
+                # Sent from the loop itself, every tick, whatever housekeeping is doing: a
+                # stalled loop stops it and systemd restarts us; a slow disk does not.
+                if watchdog_interval is not None and now >= next_watchdog:
+                    next_watchdog = now + watchdog_interval
+                    self.notifier.watchdog()
+                if (tending is None or tending.done()) and (
+                    self.reload_requested or now >= next_housekeeping
+                ):
                     next_housekeeping = now + 1.0
-                    await self.housekeeping(now)
-            except Exception:
-                # A passing database error must not stop the relay; the next tick tries again.
-                log.exception("housekeeping failed; carrying on")
+                    tending = asyncio.create_task(self._tend(now))
+        finally:
+            if tending is not None:
+                await asyncio.wait([tending])  # shutdown closes what it uses
+
+    async def _tend(self, now: float) -> None:
+        """One round of housekeeping (and a pending reload), as its own task."""
+        try:
+            if self.reload_requested:
+                self.reload_requested = False
+                await self.reload()
+            await self.housekeeping(now)
+        except Exception:
+            # A passing database error must not stop the relay; the next round tries again.
+            log.exception("housekeeping failed; carrying on")
 
     async def housekeeping(self, now: float) -> None:
+        if now >= self.next_checkpoint:
+            self.next_checkpoint = now + CHECKPOINT_INTERVAL
+            try:
+                await asyncio.to_thread(checkpoint, self.watch_conn)
+            except sqlite3.Error:
+                # Only the WAL grows meanwhile (the writer's own auto-checkpoint bounds it).
+                log.exception("WAL checkpoint failed; trying again in %.0f s", CHECKPOINT_INTERVAL)
         # Changes made by `mailfence users ...` in another process: picked up within a second.
         signature = await asyncio.to_thread(_users_signature, self.watch_conn)
         if signature != self.users_signature:
@@ -524,9 +543,6 @@ class Server:
         if minute != self.history_minute:
             self.history_minute = minute
             await self._roll_up(wall)
-        if now >= self.next_checkpoint:
-            self.next_checkpoint = now + CHECKPOINT_INTERVAL
-            await asyncio.to_thread(checkpoint, self.watch_conn)
         if now >= self.next_cleanup:
             self.next_cleanup = now + 60.0
             self.defense.housekeeping(wall)

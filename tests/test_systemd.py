@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailfence.systemd import Notifier
-from mailfence.testing import Sink
+from mailfence.testing import RunningRelay, Sink
 
 from .conftest import ServeProcess
 
@@ -199,3 +200,42 @@ def test_serve_talks_to_systemd(
         assert relay.wait(30) == 0
     finally:
         listener.close()
+
+
+def test_the_watchdog_keeps_time_while_housekeeping_waits_on_a_slow_disk(
+    receiver: tuple[socket.socket, str],
+    start_relay: Callable[..., RunningRelay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop is alive (mail flows) while the database answers slowly: systemd must not
+    kill the relay for it. The slow disk is real SQLite slowed by a progress handler."""
+    sock, path = receiver
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    relay = start_relay()
+    conn = relay.server.watch_conn
+    slow = threading.Event()
+    slow.set()
+
+    def crawl() -> int:
+        if slow.is_set():
+            time.sleep(0.2)  # every few SQLite instructions: housekeeping's reads crawl
+        return 0
+
+    conn.set_progress_handler(crawl, 10)
+    try:
+        time.sleep(0.5)  # a housekeeping round is stuck in its first query by now
+        sock.settimeout(0.3)
+        pings = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                pings += received(sock) == b"WATCHDOG=1"
+            except TimeoutError:
+                break
+        assert pings >= 5
+    finally:
+        # Back to full speed. (The handler stays: removing it from this thread while a query
+        # runs on another deadlocks on SQLite's mutex and the GIL.)
+        slow.clear()

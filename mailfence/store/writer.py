@@ -32,6 +32,9 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+WAL_PAGES_BOUND = 20_000  # pages of 4 KiB
+
+
 class Writer:
     def __init__(self, conn: sqlite3.Connection, max_pending: int = 10000) -> None:
         self._conn = conn
@@ -42,8 +45,9 @@ class Writer:
         # A commit that crosses SQLite's auto-checkpoint threshold copies the WAL into the
         # database and fsyncs it before returning: every caller in that batch (a client
         # waiting for its 250) waited 100-250 ms for it. The server checkpoints on a timer,
-        # off the commit path, instead (checkpoint() below).
-        conn.execute("PRAGMA wal_autocheckpoint=0")
+        # off the commit path, instead (checkpoint() below). The writer keeps a far threshold
+        # of its own only as a bound: if the timed checkpoints fail, the WAL stops at ~80 MB.
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES_BOUND}")
         # Bounded: a stalled disk makes callers wait on put, not the process grow.
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
         self._thread = threading.Thread(target=self._loop, name="mailfence-writer", daemon=True)
