@@ -284,14 +284,35 @@ class Server:
 
     # --- seeing and steering ---------------------------------------------------------------
 
-    async def _roll_up(self, wall: float) -> None:
-        """Adds the last minute's figures to its hour in SQLite (`mailfence stats --since`)."""
+    def _collect_delivery_figures(self) -> None:
+        if self.delivery_process is not None:
+            reported = self.delivery_process.figures()
+            restarts = self.delivery_process.restarts
+        else:
+            counters = self.delivery.counters
+            reported = {
+                "delivered": counters.delivered,
+                "deferred": counters.deferred,
+                "failed": counters.failed,
+            }
+            restarts = 0
+        figures = self.observer.delivery
+        figures.delivered = reported.get("delivered", 0)
+        figures.deferred = reported.get("deferred", 0)
+        figures.bounced = reported.get("failed", 0)
+        figures.restarts = restarts
+
+    async def _roll_up(self, wall: float, minute_ended: bool = True) -> None:
+        """Adds the last minute's figures to its hour in SQLite (`mailfence stats --since`).
+
+        At shutdown (`minute_ended=False`) the figures of the minute in progress go to the
+        current hour, so a restart loses none of them."""
         flat = self.observer.flat_totals()
         changes = {name: flat[name] - self.history_base.get(name, 0) for name in flat}
         t250 = list(self.handler.totals.to_250_seconds.counts)
         t250_changes = [a - b for a, b in zip(t250, self.history_t250, strict=True)]
         self.history_base, self.history_t250 = flat, t250
-        hour = int(wall - 60) // 3600 * 3600  # the minute that just ended
+        hour = int(wall - 60 if minute_ended else wall) // 3600 * 3600
 
         def write(conn: sqlite3.Connection) -> None:
             history.add_minute(conn, hour, changes, t250_changes)
@@ -519,22 +540,7 @@ class Server:
         if change is not None:
             log.warning("defense: %s under-attack mode", change)
             self.control.publish({"event": "under_attack", "change": change, "time": wall})
-        if self.delivery_process is not None:
-            reported = self.delivery_process.figures()
-            restarts = self.delivery_process.restarts
-        else:
-            counters = self.delivery.counters
-            reported = {
-                "delivered": counters.delivered,
-                "deferred": counters.deferred,
-                "failed": counters.failed,
-            }
-            restarts = 0
-        figures = self.observer.delivery
-        figures.delivered = reported.get("delivered", 0)
-        figures.deferred = reported.get("deferred", 0)
-        figures.bounced = reported.get("failed", 0)
-        figures.restarts = restarts
+        self._collect_delivery_figures()
         self.observer.tick(wall)
         self._report_status()
         if self.flood_limiter is not None:
@@ -603,7 +609,14 @@ class Server:
         remaining = max(1.0, deadline - time.monotonic())
         if self.delivery_process is not None:
             await asyncio.to_thread(self.delivery_process.stop, remaining)
+            self.delivery_process.close()
         await self.delivery.stop(remaining)
+        # The figures of the minute in progress, so `stats --since` loses nothing to a restart.
+        self._collect_delivery_figures()
+        try:
+            await self._roll_up(time.time(), minute_ended=False)
+        except Exception:
+            log.exception("could not record the last minute's figures")
         # 5. Storage last: every write queued so far is committed before the process exits.
         if self.background:
             await asyncio.wait(self.background, timeout=5.0)

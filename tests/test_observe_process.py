@@ -115,3 +115,10 @@ def test_json_log_sessions_and_flood_summary(
     assert summaries["auth failed"]["suppressed"] == 7
     assert summaries["auth failed"]["top_sources"][0]["peer"] == "127.0.0.1"
     assert all(line["level"] in ("info", "warning", "error") for line in lines)
+    # The minute in progress was written to the history at shutdown: nothing lost to a stop.
+    stats = relay.cli("stats", "--json", "--since", "2h")
+    assert stats.returncode == 0, stats.stderr
+    rows = json.loads(stats.stdout)["history"]
+    totals = {key: sum(row[key] for row in rows) for key in ("accepted", "delivered", "auth_ok")}
+    assert totals == {"accepted": 1, "delivered": 1, "auth_ok": 1}
+    assert sum(row["auth_failed"] for row in rows) == 10

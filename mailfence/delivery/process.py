@@ -125,8 +125,12 @@ class DeliveryProcess:
             log.warning("delivery process did not stop in time; killing it")
             process.kill()
             process.join(5)
-        self._close_nudge()
         self._process = None
+
+    def close(self) -> None:
+        """On the loop's thread, after stop(): the child's last report has been read."""
+        self._on_report()
+        self._close_nudge()
 
     def _close_nudge(self) -> None:
         if self._nudge is not None:
@@ -165,20 +169,23 @@ async def _deliver(config: Config, nudges: socket.socket) -> None:
             stop.set()
         spool.arrived.set()
 
+    def send_report() -> None:
+        counters = delivery.counters
+        line = json.dumps(
+            {
+                "delivered": counters.delivered,
+                "deferred": counters.deferred,
+                "failed": counters.failed,
+            }
+        )
+        with contextlib.suppress(BlockingIOError, OSError):
+            nudges.send(line.encode() + b"\n")
+
     async def report() -> None:
         # Once a second, the counters (cumulative) to the parent: its `top`, stats and metrics.
         while True:
             await asyncio.sleep(1.0)
-            counters = delivery.counters
-            line = json.dumps(
-                {
-                    "delivered": counters.delivered,
-                    "deferred": counters.deferred,
-                    "failed": counters.failed,
-                }
-            )
-            with contextlib.suppress(BlockingIOError, OSError):
-                nudges.send(line.encode() + b"\n")
+            send_report()
 
     nudges.setblocking(False)
     loop.add_reader(nudges.fileno(), on_nudge)
@@ -188,6 +195,7 @@ async def _deliver(config: Config, nudges: socket.socket) -> None:
     reporting.cancel()
     loop.remove_reader(nudges.fileno())
     await delivery.stop(config.smtp.shutdown_timeout)
+    send_report()  # the last word: what the messages finished during the stop did
     spool.close()
     await asyncio.to_thread(writer.close)
     nudges.close()
