@@ -10,6 +10,7 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import math
 import signal
 import sqlite3
 import ssl
@@ -54,6 +55,7 @@ log = logging.getLogger("mailfence")
 
 TICK = 0.1
 SWITCH_INTERVAL = 0.001
+MAX_BAN_SECONDS = 10 * 365 * 86400.0  # longer than that is what `permanent` is for
 CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (writers never do their own)
 
 
@@ -384,9 +386,15 @@ class Server:
             network = _network(request.get("network"))
             now = time.time()
             permanent = bool(request.get("permanent", False))
-            seconds = float(request.get("seconds", 7200.0))
-            if not permanent and seconds <= 0:
-                raise ValueError("seconds must be positive (or permanent: true)")
+            try:
+                seconds = float(request.get("seconds", 7200.0))
+            except (TypeError, ValueError):
+                seconds = math.nan
+            # NaN would compare as never expiring: a typo must not make a permanent ban.
+            if not permanent and not (0 < seconds <= MAX_BAN_SECONDS):
+                raise ValueError(
+                    f"seconds must be a number from 1 to {MAX_BAN_SECONDS:.0f} (or permanent: true)"
+                )
             reason = str(request.get("reason") or "banned by an operator")
             record = Ban(network, None if permanent else now + seconds, reason, "manual", now)
 

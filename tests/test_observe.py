@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import smtplib
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -315,6 +317,43 @@ def test_control_socket_is_private_and_single(relay: RunningRelay) -> None:
         second.start()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another user needs root")
+def test_control_socket_answers_only_its_own_user_even_if_opened_up(relay: RunningRelay) -> None:
+    path = relay.config.control_socket
+    # An operator's mistake: the socket opened to everyone, reachable through a directory
+    # anyone can enter (a hard link in one; pytest's own directories are private).
+    path.chmod(0o666)
+    public = Path(tempfile.mkdtemp(prefix="mailfence-public-"))
+    public.chmod(0o755)
+    exposed = public / "control.sock"
+    os.link(path, exposed)
+    script = (
+        "import os, sys\n"
+        "from mailfence.observe import control\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "print(control.request(__import__('pathlib').Path(sys.argv[1]), 'snapshot'))\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(exposed)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        shutil.rmtree(public)
+    assert "not allowed: another user" in result.stdout, result.stderr
+    assert control.request(path, "health")["ok"]  # its own user still gets in
+
+
+def test_control_socket_path_too_long_names_the_fix(tmp_path: Path) -> None:
+    import asyncio
+
+    long_path = tmp_path / ("d" * 120) / "control.sock"
+    with pytest.raises(control.ControlError, match=r"set \[control\] socket to a shorter path"):
+        asyncio.run(control.ControlServer(long_path, {}).start())
+
+
 def test_stale_control_socket_is_replaced(start_relay: StartRelay, tmp_path: Path) -> None:
     relay = start_relay()
     path = relay.config.control_socket
@@ -452,6 +491,9 @@ def test_control_socket_bans_and_unbans_at_once(relay: RunningRelay) -> None:
     assert again == {"ok": False, "error": "no ban in force on exactly 127.51.0.9/32"}
     bad = control.request(path, "ban", {"network": "not-an-address"})
     assert bad["ok"] is False and "is not an address" in bad["error"]
+    for seconds in (float("nan"), float("inf"), "soon", -5):
+        refused = control.request(path, "ban", {"network": "127.53.0.1", "seconds": seconds})
+        assert refused["ok"] is False and "seconds must be a number" in refused["error"]
     permanent = control.request(path, "ban", {"network": "127.52.0.0/24", "permanent": True})
     assert permanent["until"] is None
     assert banner(relay, "127.52.0.4").startswith(b"554 ")

@@ -3,8 +3,9 @@
 One JSON object per line each way. A client sends one request, {"cmd": "snapshot", ...},
 and reads one answer, {"ok": true, ...} or {"ok": false, "error": "..."}; the "events"
 command instead streams one event per line until the client goes away. Only the server's
-own user can connect (the file's mode and the state directory's 0700 see to that), so the
-socket may steer the relay: ban, unban, reload.
+own user (and root) can connect: the file's mode, the state directory's 0700 and the
+peer's credentials (SO_PEERCRED) see to that. So the socket may steer the relay: ban,
+unban, reload.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ log = logging.getLogger("mailfence.control")
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CLIENTS = 32
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 EVENT_QUEUE = 256  # per subscriber; a slow reader loses the oldest events, never the relay
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -49,6 +53,13 @@ class ControlServer:
                     "stop it first, or give this one its own state_dir"
                 )
             path.unlink()  # left behind by a server that was killed
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"the control socket path {path} is longer than the {MAX_SOCKET_PATH} bytes a "
+                "Unix socket allows; set [control] socket to a shorter path"
+            )
+        # Created 0600 from the start (no moment when another user could connect).
+        previous_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(path), limit=MAX_REQUEST_BYTES
@@ -56,6 +67,8 @@ class ControlServer:
             os.chmod(path, 0o600)
         except OSError as error:
             raise ControlError(f"cannot listen on {path}: {error.strerror or error}") from None
+        finally:
+            os.umask(previous_umask)
 
     def publish(self, event: dict[str, Any]) -> None:
         """Sends an event to every `events` subscriber, never blocking."""
@@ -74,6 +87,10 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not _peer_is_trusted(writer):
+            await _send(writer, {"ok": False, "error": "not allowed: another user"})
+            writer.close()
+            return
         if self.clients >= MAX_CLIENTS:
             await _send(writer, {"ok": False, "error": "too many control clients"})
             writer.close()
@@ -113,6 +130,9 @@ class ControlServer:
             answer = await handler(request)
         except ValueError as error:
             answer = {"ok": False, "error": str(error)}
+        except Exception as error:
+            log.exception("control command %r failed", command)
+            answer = {"ok": False, "error": f"{command} failed in the server: {error}"}
         await _send(writer, {"ok": True} | answer if "ok" not in answer else answer)
 
     async def _stream_events(
@@ -133,6 +153,20 @@ class ControlServer:
         finally:
             self.subscribers.discard(queue)
             gone.cancel()
+
+
+def _peer_is_trusted(writer: asyncio.StreamWriter) -> bool:
+    """The socket is 0600 already; the kernel's word on who connected is a second lock
+    (a socket file moved or made group-readable by mistake still admits only us and root)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return True
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    except OSError:
+        return False
+    _pid, uid, _gid = PEERCRED.unpack(credentials)
+    return uid in (0, os.getuid())
 
 
 async def _send(writer: asyncio.StreamWriter, document: dict[str, Any]) -> None:
