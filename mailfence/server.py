@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import itertools
 import logging
 import math
 import signal
@@ -55,6 +56,7 @@ log = logging.getLogger("mailfence")
 
 TICK = 0.1
 SWITCH_INTERVAL = 0.001
+MAX_UNCONFIRMED_BANS = 10_000  # automatic bans awaiting their commit (a failing disk)
 MAX_BAN_SECONDS = 10 * 365 * 86400.0  # longer than that is what `permanent` is for
 CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (writers never do their own)
 
@@ -150,6 +152,12 @@ class Server:
         self.spool = Spool(self.writer, config.database_path, config.spool.max_messages)
         await self.spool.start()
         self.defense = Defense(config.defense)
+        # Loads of the ban tables, one at a time and numbered; automatic bans not yet known
+        # to be in the database, with the number of the last load that may have missed them.
+        self.defense_lock = asyncio.Lock()
+        self.defense_loads = 0
+        self.unconfirmed_bans: dict[int, tuple[Ban, int | None]] = {}
+        self.ban_numbers = itertools.count()
         await self._load_defense_state(initial=True)
         self.background: set[asyncio.Task[None]] = set()
         self.handler = RelayHandler(config, self.authenticator, self.spool, self.defense)
@@ -228,26 +236,40 @@ class Server:
     # --- the defense's persistent state ---------------------------------------------------
 
     async def _load_defense_state(self, initial: bool) -> None:
-        """Bans and the allowlist from the database (they change under the CLI's hand)."""
-        now = time.time()
+        """Bans and the allowlist from the database (they change under the CLI's hand).
 
-        def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
-            signature = defense_table.signature(conn)
-            bans = defense_table.active_bans(conn, now)
-            allowed = defense_table.allowlist(conn)
-            pairs = (
-                defense_table.known_good(conn, now - self.config.defense.known_good_window)
-                if initial
-                else []
-            )
-            return signature, bans, allowed, pairs
+        One load at a time, so an older read never overwrites a newer one; and automatic
+        bans this process made that the read may not have seen are kept."""
+        async with self.defense_lock:
+            self.defense_loads += 1
+            number = self.defense_loads
+            now = time.time()
 
-        signature, bans, allowed, pairs = await asyncio.to_thread(read, self.watch_conn)
-        self.defense_signature = signature
-        self.defense.load_bans(bans)
-        self.defense.allowlist = [*self.config.defense.allowlist, *allowed]
-        for user, prefix, when in pairs:
-            self.defense.remember_known_good(user, prefix, when)
+            def read(conn: sqlite3.Connection) -> tuple[Any, ...]:
+                conn.execute("BEGIN")  # one snapshot: the signature matches the rows
+                try:
+                    signature = defense_table.signature(conn)
+                    bans = defense_table.active_bans(conn, now)
+                    allowed = defense_table.allowlist(conn)
+                    window = self.config.defense.known_good_window
+                    pairs = defense_table.known_good(conn, now - window) if initial else []
+                finally:
+                    conn.execute("COMMIT")
+                return signature, bans, allowed, pairs
+
+            signature, bans, allowed, pairs = await asyncio.to_thread(read, self.watch_conn)
+            unseen = []
+            for key, (ban, written_before_load) in list(self.unconfirmed_bans.items()):
+                seen = written_before_load is not None and number > written_before_load
+                if seen or not ban.active(time.time()):
+                    del self.unconfirmed_bans[key]
+                else:
+                    unseen.append(ban)
+            self.defense_signature = signature
+            self.defense.load_bans([*unseen, *bans])  # the database's word last: it wins
+            self.defense.allowlist = [*self.config.defense.allowlist, *allowed]
+            for user, prefix, when in pairs:
+                self.defense.remember_known_good(user, prefix, when)
 
     def _in_background(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
@@ -262,14 +284,25 @@ class Server:
                 {"event": "ban", "network": str(ban.network), "reason": ban.reason, "until": until}
             )
 
+        keys = []
+        for ban in bans:
+            keys.append(next(self.ban_numbers))
+            self.unconfirmed_bans[keys[-1]] = (ban, None)
+        while len(self.unconfirmed_bans) > MAX_UNCONFIRMED_BANS:
+            del self.unconfirmed_bans[next(iter(self.unconfirmed_bans))]  # the oldest
+
         async def write() -> None:
             try:
                 await self.writer.run(lambda conn: defense_table.insert_bans(conn, bans))
             except Exception:
                 log.exception("could not record bans; they hold until restart")
-            self.defense_signature = await asyncio.to_thread(
-                defense_table.signature, self.watch_conn
-            )
+                return
+            # Committed: loads numbered after this one see them. (The signature is left to
+            # housekeeping, which reloads: taking it here could swallow a CLI ban made
+            # meanwhile.)
+            for key in keys:
+                if key in self.unconfirmed_bans:
+                    self.unconfirmed_bans[key] = (self.unconfirmed_bans[key][0], self.defense_loads)
 
         self._in_background(write())
 

@@ -329,3 +329,47 @@ def test_first_time_customer_told_454_in_a_flood_gets_through_on_retry(
     assert send_as_alice(relay, source) == 250  # and her network is known-good from now on
     assert relay.server.defense.lane(ALICE, ipaddress.ip_address(source), time.time()) == "known"
     assert sink.wait_for(1)
+
+
+def test_an_automatic_ban_made_while_the_ban_list_is_reloading_holds(relay: RunningRelay) -> None:
+    """A reload whose read began before an automatic ban was committed must not drop that
+    ban from memory. The read is made slow for real: SQLite crawling under a handler."""
+    import asyncio
+
+    from mailfence.defense import Ban
+
+    server = relay.server
+    slow = threading.Event()
+
+    def crawl() -> int:
+        if slow.is_set():
+            time.sleep(0.1)
+        return 0
+
+    server.watch_conn.set_progress_handler(crawl, 10)
+    bot = ipaddress.ip_address("127.54.0.9")
+    outcome: list[object] = []
+
+    async def scenario() -> None:
+        slow.set()
+        loading = asyncio.create_task(server._load_defense_state(initial=False))
+        await asyncio.sleep(0.05)  # the reload has its snapshot and is crawling through it
+        now = time.time()
+        ban = Ban(ipaddress.ip_network("127.54.0.9/32"), now + 3600, "test", "auto", now)
+        server.defense.bans.put(ban)  # as the defense does when it bans
+        server._persist_bans([ban])
+        await asyncio.wait(list(server.background))  # the ban is committed
+        slow.clear()
+        await loading
+        outcome.append(server.defense.bans.find(bot, time.time()))
+
+    def start() -> None:
+        task = asyncio.get_running_loop().create_task(scenario())
+        task.add_done_callback(lambda t: outcome.append(t.exception()) if t.exception() else None)
+
+    relay.call(start)
+    deadline = time.monotonic() + 20
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome and isinstance(outcome[0], Ban), outcome
+    assert banner(relay, "127.54.0.9").startswith(b"421 ")
