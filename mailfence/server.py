@@ -254,7 +254,8 @@ class Server:
                     window = self.config.defense.known_good_window
                     pairs = defense_table.known_good(conn, now - window) if initial else []
                 finally:
-                    conn.execute("COMMIT")
+                    if conn.in_transaction:  # SQLite may have rolled back on an I/O error
+                        conn.execute("COMMIT")
                 return signature, bans, allowed, pairs
 
             signature, bans, allowed, pairs = await asyncio.to_thread(read, self.watch_conn)
@@ -418,7 +419,7 @@ class Server:
             # The same as `mailfence ban`, for tools that hold only the socket.
             network = _network(request.get("network"))
             now = time.time()
-            permanent = bool(request.get("permanent", False))
+            permanent = request.get("permanent", False) is True  # not "false", not 1
             try:
                 seconds = float(request.get("seconds", 7200.0))
             except (TypeError, ValueError):
@@ -556,7 +557,8 @@ class Server:
         if now >= self.next_checkpoint:
             self.next_checkpoint = now + CHECKPOINT_INTERVAL
             try:
-                await asyncio.to_thread(checkpoint, self.watch_conn)
+                async with self.defense_lock:  # not inside a reload's read transaction
+                    await asyncio.to_thread(checkpoint, self.watch_conn)
             except sqlite3.Error:
                 # Only the WAL grows meanwhile (the writer's own auto-checkpoint bounds it).
                 log.exception("WAL checkpoint failed; trying again in %.0f s", CHECKPOINT_INTERVAL)

@@ -378,3 +378,17 @@ def test_a_clock_stepped_back_does_not_drain_the_strangers_rate() -> None:
     assert bucket.take(1000.0) and bucket.take(1000.0) and not bucket.take(1000.0)
     assert not bucket.take(400.0)  # NTP stepped the clock back ten minutes
     assert bucket.take(400.1)  # refilling resumes from there, a tenth of a second later
+
+
+def test_bots_turned_away_by_the_shared_rate_do_not_lock_their_neighbours_out() -> None:
+    core = defense(unknown_connections_per_second=2, connection_rate_per_prefix=20)
+    # A flood from one /24: far more than the strangers' shared rate lets in.
+    for n in range(1000):
+        bot = ip(f"198.51.100.{n % 200 + 1}")
+        if core.on_connect(bot, 100.0 + n / 1000, 0, 1000).action is Action.ALLOW:
+            core.on_disconnect(bot)
+    # A new customer in the same /24, turned away once in the flood, retries like a mail
+    # server does: the prefix's rate counts only what got in, so it is not over its limit.
+    newcomer = ip("198.51.100.250")
+    assert core.on_connect(newcomer, 100.9, 0, 1000).action is Action.LIMIT
+    assert core.on_connect(newcomer, 112.0, 0, 1000).action is Action.ALLOW

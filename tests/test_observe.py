@@ -494,6 +494,8 @@ def test_control_socket_bans_and_unbans_at_once(relay: RunningRelay) -> None:
     for seconds in (float("nan"), float("inf"), "soon", -5):
         refused = control.request(path, "ban", {"network": "127.53.0.1", "seconds": seconds})
         assert refused["ok"] is False and "seconds must be a number" in refused["error"]
+    typo = control.request(path, "ban", {"network": "127.53.0.2", "permanent": "false"})
+    assert typo["ok"] and typo["until"] is not None  # only JSON true makes a ban permanent
     permanent = control.request(path, "ban", {"network": "127.52.0.0/24", "permanent": True})
     assert permanent["until"] is None
     assert banner(relay, "127.52.0.4").startswith(b"554 ")

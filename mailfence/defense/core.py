@@ -184,7 +184,10 @@ class Defense:
             return ConnectVerdict(action, f"banned: {ban.reason}", ban)
         source, prefix = self._networks(address)
         if self._known_prefixes[prefix] > 0:
-            return ConnectVerdict(Action.ALLOW, known_good=True)  # customers' networks: no limits
+            # Customers' networks: no limits (counted all the same, for `explain`).
+            self._rate_source.add(source, now)
+            self._rate_prefix.add(prefix, now)
+            return ConnectVerdict(Action.ALLOW, known_good=True)
         config = self.config
         # The stranger's own limits come first: one host hammering the door is refused on its
         # own account and never spends the tokens other strangers share.
@@ -197,9 +200,14 @@ class Defense:
             return ConnectVerdict(Action.LIMIT, "too many connections from this address")
         if self.live_prefixes[prefix] >= config.max_connections_per_prefix:
             return ConnectVerdict(Action.LIMIT, "too many connections from this network")
-        if self._rate_source.add(source, now) > config.connection_rate_per_ip:
+        # The rate windows count connections let in, and those refused by that very window
+        # (so a host that keeps hammering stays out until it pauses). Refusals by the
+        # shared rate below are not counted: that would lock a neighbour out with them.
+        if self._rate_source.count(source, now) >= config.connection_rate_per_ip:
+            self._rate_source.add(source, now)
             return ConnectVerdict(Action.LIMIT, "connecting too often from this address")
-        if self._rate_prefix.add(prefix, now) > config.connection_rate_per_prefix:
+        if self._rate_prefix.count(prefix, now) >= config.connection_rate_per_prefix:
+            self._rate_prefix.add(prefix, now)
             return ConnectVerdict(Action.LIMIT, "connecting too often from this network")
         # A share of the slots is kept for sources customers have logged in from.
         if live_total >= max_total * (1.0 - config.known_good_reserved):
@@ -208,6 +216,8 @@ class Defense:
         # one address's limit, but each admitted connection costs a TLS handshake.
         if not self._rate_unknown.take(now) and not self._patient_stranger(address, now):
             return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
+        self._rate_source.add(source, now)
+        self._rate_prefix.add(prefix, now)
         return ConnectVerdict(Action.ALLOW)
 
     def _patient_stranger(self, address: IPAddress, now: float) -> bool:

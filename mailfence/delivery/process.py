@@ -109,6 +109,7 @@ class DeliveryProcess:
                 "delivery process exited (code %s); starting it again", self._process.exitcode
             )
             self.restarts += 1
+            self._on_report()  # its last counts, if it sent them before dying
             self._close_nudge()
             self.start()
 

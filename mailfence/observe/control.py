@@ -26,7 +26,7 @@ log = logging.getLogger("mailfence.control")
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CLIENTS = 32
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
-PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 EVENT_QUEUE = 256  # per subscriber; a slow reader loses the oldest events, never the relay
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -88,7 +88,8 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not _peer_is_trusted(writer):
-            await _send(writer, {"ok": False, "error": "not allowed: another user"})
+            with contextlib.suppress(ConnectionError):
+                await _send(writer, {"ok": False, "error": "not allowed: another user"})
             writer.close()
             return
         if self.clients >= MAX_CLIENTS:
