@@ -58,7 +58,7 @@ TICK = 0.1
 SWITCH_INTERVAL = 0.001
 MAX_UNCONFIRMED_BANS = 10_000  # automatic bans awaiting their commit (a failing disk)
 MAX_BAN_SECONDS = 10 * 365 * 86400.0  # longer than that is what `permanent` is for
-CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (writers never do their own)
+CHECKPOINT_INTERVAL = 5.0  # seconds between WAL checkpoints (the writer's own is a far bound)
 
 
 def _network(value: object) -> IPNetwork:
@@ -427,7 +427,8 @@ class Server:
             # NaN would compare as never expiring: a typo must not make a permanent ban.
             if not permanent and not (0 < seconds <= MAX_BAN_SECONDS):
                 raise ValueError(
-                    f"seconds must be a number from 1 to {MAX_BAN_SECONDS:.0f} (or permanent: true)"
+                    f"seconds must be a number above 0 and at most {MAX_BAN_SECONDS:.0f} "
+                    "(or permanent: true)"
                 )
             reason = str(request.get("reason") or "banned by an operator")
             record = Ban(network, None if permanent else now + seconds, reason, "manual", now)
