@@ -1,16 +1,22 @@
 """Bot flood: the incident (shared/incident-postmortem.txt) reproduced against `mailfence serve`.
 
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
-        [--baseline 10] [--flood 20] [--recovery 10] [--bots 200] [--bot-processes 2]
-        [--bot-nice 10]
+        [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
+        [--bot-processes 2] [--bot-nice 10]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
-`smtp.max_connections`) relays to Postfix's smtp-sink, and three phases run back to back:
+`smtp.max_connections`) relays to Postfix's smtp-sink, and four phases run back to back:
 
   baseline  legitimate traffic only;
   flood     legitimate traffic and the bots;
-  recovery  legitimate traffic only again (bans and under-attack mode may still be in force).
+  recovery  legitimate traffic only again (bans and under-attack mode may still be in force);
+  floor     legitimate traffic to mailfence, and the same bots aimed at a null server instead:
+            a separate process that answers every connection with a 421 at once and keeps no
+            state. mailfence does no work for the bots, so what the customers see here is what
+            this machine gives them while it also runs the bots and their connections: the
+            floor under any relay's flood figure on this machine. Measured in the same run as
+            the other phases, so the flood can be compared with it.
 
 Warm-up, before the baseline: each of the 20 customers logs in once, from its own address, with
 the right password. That makes its (user, /24) pair known-good (the relay persists it) and fills
@@ -58,8 +64,8 @@ delivery process), sampled at each phase boundary. "per 1,000 refused" is the re
 the flood divided by the bot attempts it answered (all of which were refusals), in ms; "net" first
 subtracts the baseline phase's CPU rate (the legitimate traffic's share).
 
-Goals (the issue), judged per mode (p99 is the nearest rank: with 50 samples a phase it is the
-max, with 100 the second largest):
+Goals (the issue), judged per mode (p99 is the nearest rank: with the default 100 samples a
+phase it is the second largest, with 50 it would be the max):
   1. 100% of legitimate messages accepted during the flood, with no retry;
   2. legitimate p99 (auth and 250) in the flood <= 1.5 x baseline;
   3. back to baseline in recovery, taken as recovery p99 <= 1.25 x baseline p99;
@@ -68,7 +74,10 @@ max, with 100 the second largest):
      stalled event loop shows up above it); the count over the limit and the max are shown;
   5. mailfence's CPU per 1,000 refused bot attempts: reported;
   6. concentrated mode: < 1% of bot attempts reach the hash (all attempts, door refusals
-     included; the share of those that got as far as an AUTH command is shown too).
+     included; the share of those that got as far as an AUTH command is shown too);
+  7. reported, not a goal of the issue: the floor phase's p99 against the baseline (what the
+     machine alone does to the customers), and the flood's p99 against the floor (what
+     mailfence's handling of the bots adds on top of that).
 
 The bots run with --bot-nice (default 10) so that on this 2-core machine, where they share the
 CPUs with the relay, they take what the relay leaves rather than half of it: real bots run on
@@ -112,7 +121,8 @@ CUSTOMERS = 20
 LEGIT_RATE = 5.0  # messages per second, all customers together
 PROBE_SOURCE = "127.10.0.1"  # a customer's address: known-good after the warm-up
 MODES = ("concentrated", "distributed", "spray")
-PHASES = ("baseline", "flood", "recovery")
+PHASES = ("baseline", "flood", "recovery", "floor")
+NULL_DOOR_REPLY = b"421 4.7.0 Too many connections, try again later\r\n"
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 MAILFENCE = Path(sys.executable).with_name("mailfence")
@@ -593,7 +603,6 @@ async def sample_bots(port: int, plan: BotPlan, rate: float, start: float, end: 
 
 
 def bot_process(
-    port: int,
     mode: str,
     index: int,
     processes: int,
@@ -601,28 +610,52 @@ def bot_process(
     nice: int,
     sampler_rate: float,
     ready: multiprocessing.Queue[str],
-    start_queue: multiprocessing.Queue[tuple[float, float]],
-    results: multiprocessing.Queue[dict[str, Any]],
+    start_queue: multiprocessing.Queue[list[tuple[float, float, int]]],
+    results: multiprocessing.Queue[list[dict[str, Any]]],
 ) -> None:
-    """A flood bot process (`count` connections at once), or the sampler (`sampler_rate`)."""
+    """A flood bot process (`count` connections at once), or the sampler (`sampler_rate`).
+
+    It runs once per window (start, end, port) it is given, and reports one result each."""
     if nice:
         os.nice(nice)
     plan = BotPlan(mode, index, processes)
     ready.put("ready")
-    start, end = start_queue.get(timeout=READY_TIMEOUT * 5)
-    if sampler_rate:
-        stats = uvloop.run(sample_bots(port, plan, sampler_rate, start, end))
-    else:
-        stats = uvloop.run(bots(port, plan, count, start, end))
-    results.put(
-        {
-            "attempts": stats.attempts,
-            "client_errors": stats.client_errors,
-            "connections": stats.connections,
-            "greeting": stats.greeting,
-            "auth": stats.auth,
-        }
-    )
+    parts: list[dict[str, Any]] = []
+    for start, end, port in start_queue.get(timeout=READY_TIMEOUT * 5):
+        if sampler_rate:
+            stats = uvloop.run(sample_bots(port, plan, sampler_rate, start, end))
+        else:
+            stats = uvloop.run(bots(port, plan, count, start, end))
+        parts.append(
+            {
+                "attempts": stats.attempts,
+                "client_errors": stats.client_errors,
+                "connections": stats.connections,
+                "greeting": stats.greeting,
+                "auth": stats.auth,
+            }
+        )
+    results.put(parts)
+
+
+class NullDoor(asyncio.Protocol):
+    """Answers every connection with a 421 and closes it: no decision, no TLS, no state."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(NULL_DOOR_REPLY)  # type: ignore[attr-defined]
+        transport.close()
+
+
+def null_door_process(port_queue: multiprocessing.Queue[int]) -> None:
+    """The floor phase's target: the least a server can do for a bot (see the docstring)."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(NullDoor, HOST, 0, backlog=1024)
+        port_queue.put(server.sockets[0].getsockname()[1])
+        await asyncio.sleep(3600)  # terminated by the parent well before this
+
+    uvloop.run(serve())
 
 
 # --- the sink and the relay -----------------------------------------------------------------
@@ -815,21 +848,24 @@ MessageRow = tuple[float, int, bool, str, float, float]
 class ModeResult:
     mode: str
     hash_time: float
-    bounds: list[float]  # monotonic: baseline start, flood start, recovery start, end
+    bounds: list[float]  # monotonic: the start of each phase, then the end
     messages: list[MessageRow]
     probe: list[tuple[float, float]]
     cpu: list[float]  # mailfence tree CPU seconds per phase
-    bot_cpu: float
-    bots: BotSummary
+    bot_cpu: float  # in the flood
+    bots: BotSummary  # in the flood
     sampler: BotSummary
+    floor_bot_cpu: float
+    floor_bots: BotSummary
+    null_door_cpu: float  # in the floor phase
     log: dict[str, int]
     exit_code: int | None
 
     def phase_of(self, when: float) -> int:
-        for index in range(3):
+        for index in range(len(PHASES)):
             if when < self.bounds[index + 1]:
                 return index
-        return 2
+        return len(PHASES) - 1
 
     def duration(self, phase: int) -> float:
         return self.bounds[phase + 1] - self.bounds[phase]
@@ -854,11 +890,14 @@ def run_mode(
     context = multiprocessing.get_context("spawn")
     ready: multiprocessing.Queue[str] = context.Queue()
     start_queue: multiprocessing.Queue[tuple[float, float]] = context.Queue()
-    bot_start: multiprocessing.Queue[tuple[float, float]] = context.Queue()
+    bot_start: multiprocessing.Queue[list[tuple[float, float, int]]] = context.Queue()
+    sampler_start: multiprocessing.Queue[list[tuple[float, float, int]]] = context.Queue()
     results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
-    bot_results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
-    sampler_results: multiprocessing.Queue[dict[str, Any]] = context.Queue()
+    bot_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
+    sampler_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
+    null_port: multiprocessing.Queue[int] = context.Queue()
     relay = Relay(directory / mode, template, sink.port)
+    null_door = context.Process(target=null_door_process, args=(null_port,), daemon=True)
     with stopping(relay):
         customers_proc = context.Process(
             target=customer_process,
@@ -873,7 +912,7 @@ def run_mode(
             context.Process(
                 target=bot_process,
                 args=(
-                    *(relay.port, mode, i, args.bot_processes, count, args.bot_nice, 0.0),
+                    *(mode, i, args.bot_processes, count, args.bot_nice, 0.0),
                     *(ready, bot_start, bot_results),
                 ),
                 daemon=True,
@@ -882,13 +921,15 @@ def run_mode(
         ]
         sampler_proc = context.Process(
             target=bot_process,
-            args=(relay.port, mode, 0, 1, 0, 0, SAMPLER_RATE, ready, bot_start, sampler_results),
+            args=(mode, 0, 1, 0, 0, SAMPLER_RATE, ready, sampler_start, sampler_results),
             daemon=True,
         )
         processes = [customers_proc, sampler_proc, *bot_procs]
         for process in processes:
             process.start()
+        null_door.start()
         try:
+            null_door_port = null_port.get(timeout=READY_TIMEOUT)
             warm = asyncio.run(warm_up(relay.port, passwords))
             for _ in processes:
                 ready.get(timeout=READY_TIMEOUT)
@@ -899,31 +940,32 @@ def run_mode(
                 f" {percentile(warm, 0.5) * 1000:.1f} ms",
                 flush=True,
             )
-            start = time.monotonic() + 1.0
-            bounds = [
-                start,
-                start + args.baseline,
-                start + args.baseline + args.flood,
-                start + args.baseline + args.flood + args.recovery,
-            ]
-            start_queue.put((bounds[0], bounds[3]))
-            for _ in range(len(bot_procs) + 1):
-                bot_start.put((bounds[1], bounds[2]))
+            bounds = [time.monotonic() + 1.0]
+            for seconds in (args.baseline, args.flood, args.recovery, args.floor):
+                bounds.append(bounds[-1] + seconds)
+            start_queue.put((bounds[0], bounds[4]))
+            flood_window = (bounds[1], bounds[2], relay.port)
+            for _ in bot_procs:
+                bot_start.put([flood_window, (bounds[3], bounds[4], null_door_port)])
+            sampler_start.put([flood_window])  # the flood only
             bot_pids = [p.pid or 0 for p in bot_procs]
             samples: list[dict[int, float]] = []
             bot_samples: list[float] = []
+            null_samples: list[float] = []
             for index, when in enumerate(bounds):
                 time.sleep(max(0.0, when - time.monotonic()))
                 samples.append(tree_cpu(relay.process.pid))
-                if index in (1, 2):
-                    bot_samples.append(sum(cpu_seconds(pid) for pid in bot_pids))
-                if index < 3:
+                bot_samples.append(sum(cpu_seconds(pid) for pid in bot_pids))
+                null_samples.append(cpu_seconds(null_door.pid or 0))
+                if index < len(PHASES):
                     print(f"  {PHASES[index]}: {bounds[index + 1] - when:.0f} s ...", flush=True)
             wait = 8 * COMMAND_TIMEOUT + 30
             bot_parts = [bot_results.get(timeout=wait) for _ in bot_procs]
             sampler_part = sampler_results.get(timeout=wait)
             legit = results.get(timeout=wait)
         finally:
+            null_door.terminate()
+            null_door.join(10)
             for process in processes:
                 process.join(10)
                 if process.is_alive():
@@ -935,10 +977,13 @@ def run_mode(
         bounds=bounds,
         messages=[(m[0], m[1], m[2], m[3], m[4], m[5]) for m in legit["messages"]],
         probe=[(when, rtt) for when, rtt in legit["probe"]],
-        cpu=[cpu_between(samples[i], samples[i + 1]) for i in range(3)],
-        bot_cpu=bot_samples[1] - bot_samples[0],
-        bots=BotSummary.merge(bot_parts),
-        sampler=BotSummary.merge([sampler_part]),
+        cpu=[cpu_between(samples[i], samples[i + 1]) for i in range(len(PHASES))],
+        bot_cpu=bot_samples[2] - bot_samples[1],
+        bots=BotSummary.merge([part[0] for part in bot_parts]),
+        sampler=BotSummary.merge(sampler_part),
+        floor_bot_cpu=bot_samples[4] - bot_samples[3],
+        floor_bots=BotSummary.merge([part[1] for part in bot_parts]),
+        null_door_cpu=null_samples[4] - null_samples[3],
         log=relay.log_summary(),
         exit_code=relay.process.returncode,
     )
@@ -980,10 +1025,10 @@ MODE_DESCRIPTION = {
 def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool | None]]:
     print()
     print(f"=== {result.mode}: {args.bots} bot connections, {MODE_DESCRIPTION[result.mode]}")
-    by_phase: list[list[MessageRow]] = [[], [], []]
+    by_phase: list[list[MessageRow]] = [[] for _ in PHASES]
     for message in result.messages:
         by_phase[result.phase_of(message[0])].append(message)
-    lag: list[list[float]] = [[], [], []]
+    lag: list[list[float]] = [[] for _ in PHASES]
     for when, rtt in result.probe:
         if result.bounds[0] <= when:
             lag[result.phase_of(when)].append(rtt)
@@ -997,13 +1042,15 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
     print("-" * len(header))
     to_auth: list[list[float]] = []
     to_250: list[list[float]] = []
-    for phase in range(3):
+    phase_bots = {1: bots, 3: result.floor_bots}
+    for phase in range(len(PHASES)):
         messages = by_phase[phase]
         accepted = sum(1 for m in messages if m[2])
         to_auth.append([m[4] for m in messages if m[4] > 0])
         to_250.append([m[5] for m in messages if m[2]])
         share = accepted / len(messages) * 100 if messages else 0.0
-        bot_rate = answered / result.duration(phase) if phase == 1 else 0.0
+        in_phase = phase_bots.get(phase)
+        bot_rate = in_phase.answered / result.duration(phase) if in_phase else 0.0
         hashed = bots.attempts["hashed"] if phase == 1 else 0
         cpu = result.cpu[phase] / result.duration(phase) * 100
         print(
@@ -1012,14 +1059,14 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
             f"  {bot_rate:6.0f} {hashed:6d} {cpu:8.0f}%"
         )
     failures: dict[str, int] = {}
-    for phase in range(3):
+    for phase in range(len(PHASES)):
         for m in by_phase[phase]:
             if not m[2]:
                 key = f"{PHASES[phase]}: {m[3]}"
                 failures[key] = failures.get(key, 0) + 1
     for key, value in sorted(failures.items()):
         print(f"  legit failure {key} x{value}")
-    for phase in (1, 2):
+    for phase in (1, 2, 3):
         slowest = sorted(by_phase[phase], key=lambda m: -max(m[4], m[5]))[:3]
         print(
             f"  slowest legit messages in the {PHASES[phase]} (seconds into it: auth / 250 ms): "
@@ -1064,9 +1111,23 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
         f" {result.bot_cpu / flood_seconds * 100:.0f}% of one core (nice {args.bot_nice})"
     )
     print(f"  relay log: {result.log or 'nothing notable'}; SIGTERM -> exit {result.exit_code}")
+    floor_seconds = result.duration(3)
+    floor_bots = result.floor_bots
+    print(
+        f"floor ({floor_seconds:.0f} s; the same bots aimed at a null server that answers 421 at"
+        f" once, mailfence serving the customers only): {floor_bots.answered} answered"
+        f" ({floor_bots.answered / floor_seconds:.0f}/s); null server"
+        f" {result.null_door_cpu / floor_seconds * 100:.0f}% of one core, bot processes"
+        f" {result.floor_bot_cpu / floor_seconds * 100:.0f}%"
+    )
+    if floor_bots.client_errors:
+        print(f"  bot-side errors (not attempts): {floor_bots.client_errors}")
 
     def p99(values: list[float]) -> float:
         return percentile(values, 0.99) * 1000
+
+    def ratio(values: list[float], base: list[float]) -> str:
+        return f"{p99(values) / p99(base):.2f}x" if values and base else "-"
 
     goals: list[tuple[str, bool | None]] = []
     flood_msgs = by_phase[1]
@@ -1120,6 +1181,15 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
         goals.append((text, answered > 0 and share_all < 1.0))
     else:
         goals.append((text + " [goal set for concentrated mode only]", None))
+    goals.append(
+        (
+            "the machine's floor (the same bots at a null server): legit p99 auth"
+            f" {p99(to_auth[3]):.1f} ms ({ratio(to_auth[3], to_auth[0])} baseline), 250"
+            f" {p99(to_250[3]):.1f} ms ({ratio(to_250[3], to_250[0])}); mailfence in the flood"
+            f" against it: auth {ratio(to_auth[1], to_auth[3])}, 250 {ratio(to_250[1], to_250[3])}",
+            None,
+        )
+    )
     print("goals:")
     for label, met in goals:
         mark = "reported" if met is None else verdict(met)
@@ -1136,15 +1206,16 @@ def main() -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
-    parser.add_argument("--baseline", type=float, default=10.0, help="seconds")
+    parser.add_argument("--baseline", type=float, default=20.0, help="seconds")
     parser.add_argument("--flood", type=float, default=20.0, help="seconds")
-    parser.add_argument("--recovery", type=float, default=10.0, help="seconds")
+    parser.add_argument("--recovery", type=float, default=20.0, help="seconds")
+    parser.add_argument("--floor", type=float, default=20.0, help="seconds")
     parser.add_argument("--bots", type=int, default=200, help="concurrent bot connections")
     parser.add_argument("--bot-processes", type=int, default=2)
     parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
-    for name in ("baseline", "flood", "recovery"):
+    for name in ("baseline", "flood", "recovery", "floor"):
         if not 1.0 <= getattr(args, name) <= 600.0:
             parser.error(f"--{name} must be from 1 to 600 seconds")
     if not 1 <= args.bots <= 5000 or not 1 <= args.bot_processes <= 16:
