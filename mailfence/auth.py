@@ -13,9 +13,12 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import logging
+import os
 import random
 import secrets
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -28,6 +31,13 @@ import argon2
 from mailfence.config import AuthConfig
 from mailfence.store import users as user_table
 from mailfence.store.users import User
+
+log = logging.getLogger("mailfence.auth")
+
+# How much lower than the relay's own the CPU priority of strangers' hashes is (a nice
+# increment): they get what the event loop and the customers' hashes leave, never a share of
+# it. Ten is what a `nice` command adds by default.
+STRANGERS_NICE = 10
 
 
 def make_hasher(config: AuthConfig) -> argon2.PasswordHasher:
@@ -182,6 +192,11 @@ class VerificationPool:
     at most `unknown_threads` of them, so strangers can never fill every core: a customer's
     verification (and the event loop) always find CPU. A lane whose queue is full answers at
     once (BUSY): nobody waits in a line they cannot see the end of.
+
+    Strangers' hashes run on threads of their own, at a lower CPU priority (Linux keeps a
+    nice value per thread): while a flood has a stranger's hash running, the event loop and
+    the customers' hashes take the CPU first instead of sharing it with the bots' guesses.
+    `threads` still bounds how many hashes run at once, strangers' included.
     """
 
     def __init__(
@@ -193,9 +208,14 @@ class VerificationPool:
         unknown_threads: int | None = None,
     ) -> None:
         self._hasher = hasher
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mailfence-verify")
         self.threads = threads
         self.unknown_threads = min(threads, unknown_threads or threads)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mailfence-verify")
+        self._strangers_executor = ThreadPoolExecutor(
+            self.unknown_threads,
+            thread_name_prefix="mailfence-verify-strangers",
+            initializer=lower_thread_priority,
+        )
         self.busy = 0
         self.busy_by_lane = dict.fromkeys(LANES, 0)
         self.limits = {"known": known_queue, "retry": RETRY_QUEUE, "unknown": unknown_queue}
@@ -256,8 +276,9 @@ class VerificationPool:
         try:
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
+            executor = self._executor if lane == "known" else self._strangers_executor
             job = loop.run_in_executor(
-                self._executor, verify_password, self._hasher, password_hash, password
+                executor, verify_password, self._hasher, password_hash, password
             )
         except BaseException:
             self._release(lane)
@@ -281,6 +302,21 @@ class VerificationPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._strangers_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def lower_thread_priority() -> None:
+    """Raises the calling thread's nice value by STRANGERS_NICE (no privilege needed).
+
+    On Linux, PRIO_PROCESS with a thread id changes that thread alone. Where that fails
+    (another kernel, a seccomp filter), the thread runs at the relay's priority, as before.
+    """
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + STRANGERS_NICE))
+    except (AttributeError, OSError) as error:
+        log.warning("strangers' hashes run at normal priority: cannot renice a thread: %s", error)
 
 
 class Authenticator:

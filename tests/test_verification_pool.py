@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 
 import argon2
 
-from mailfence.auth import VerificationPool
+from mailfence.auth import STRANGERS_NICE, VerificationPool
 
 # Slow enough (hundreds of ms) that the pool's state can be read while hashes run.
 SLOW = argon2.PasswordHasher(time_cost=8, memory_cost=65536, parallelism=1)
@@ -127,3 +129,31 @@ def test_retry_tickets_are_bounded_and_lead_to_the_retry_lane() -> None:
     authenticator._issue_ticket("192.0.2.1", key, 0.0)
     assert authenticator._lane_for("unknown", "192.0.2.1", key, 10_000.0) == "unknown"
     authenticator.pool.shutdown()
+
+
+def test_strangers_hash_at_a_lower_cpu_priority_than_customers() -> None:
+    """While both run, the stranger's thread has the relay's nice value plus STRANGERS_NICE
+    (capped at 19) and the customer's thread has the relay's own: the kernel gives the CPU
+    to the event loop and the customer first."""
+    digest = SLOW.hash(SECRET)
+    relay_nice = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def nice_of(prefix: str) -> set[int]:
+        return {
+            os.getpriority(os.PRIO_PROCESS, thread.native_id)
+            for thread in threading.enumerate()
+            if thread.name.startswith(prefix) and thread.native_id is not None
+        }
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=2, known_queue=8, unknown_queue=8, unknown_threads=1)
+        stranger = asyncio.create_task(pool.verify(digest, b"guess", "unknown"))
+        customer = asyncio.create_task(pool.verify(digest, SECRET, "known"))
+        await asyncio.sleep(0.05)  # both threads exist and are hashing (hundreds of ms each)
+        assert nice_of("mailfence-verify-strangers") == {min(19, relay_nice + STRANGERS_NICE)}
+        assert nice_of("mailfence-verify_") == {relay_nice}
+        assert await customer is True
+        assert await stranger is False
+        pool.shutdown()
+
+    asyncio.run(main())
