@@ -1117,7 +1117,9 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
         f"floor ({floor_seconds:.0f} s; the same bots aimed at a null server that answers 421 at"
         f" once, mailfence serving the customers only): {floor_bots.answered} answered"
         f" ({floor_bots.answered / floor_seconds:.0f}/s); null server"
-        f" {result.null_door_cpu / floor_seconds * 100:.0f}% of one core, bot processes"
+        f" {result.null_door_cpu / floor_seconds * 100:.0f}% of one core"
+        f" = {result.null_door_cpu / max(1, floor_bots.answered) * 1e6:.0f} ms per 1,000"
+        " refused (the kernel's and uvloop's share of a refusal), bot processes"
         f" {result.floor_bot_cpu / floor_seconds * 100:.0f}%"
     )
     if floor_bots.client_errors:

@@ -9,6 +9,7 @@ import pytest
 
 from mailfence.config import DefenseConfig
 from mailfence.defense import Action, AuthAction, Defense
+from mailfence.defense.bans import Ban, BanBook
 from mailfence.defense.net import IPAddress
 
 CUSTOMERS = [f"customer{n}@example.com" for n in range(20)]
@@ -392,3 +393,37 @@ def test_bots_turned_away_by_the_shared_rate_do_not_lock_their_neighbours_out() 
     newcomer = ip("198.51.100.250")
     assert core.on_connect(newcomer, 100.9, 0, 1000).action is Action.LIMIT
     assert core.on_connect(newcomer, 112.0, 0, 1000).action is Action.ALLOW
+
+
+def test_ban_book_finds_the_covering_ban_by_prefix_and_family() -> None:
+    """The lookup every refusal makes: integer probes per prefix length in use, which must
+    agree with what `ipaddress` says covers the address."""
+    now = 1_000_000.0
+    book = BanBook()
+    bans = {
+        text: Ban(ipaddress.ip_network(text), now + 60, text, "auto", now)
+        for text in ("192.0.2.7/32", "198.51.100.0/24", "2001:db8:1:2::/64", "10.0.0.0/8")
+    }
+    for ban in bans.values():
+        book.put(ban)
+    book.put(Ban(ipaddress.ip_network("203.0.113.9/32"), now - 1, "expired", "auto", now - 100))
+    expected = {
+        "192.0.2.7": "192.0.2.7/32",
+        "192.0.2.8": None,
+        "198.51.100.254": "198.51.100.0/24",
+        "198.51.101.1": None,
+        "2001:db8:1:2:ffff::1": "2001:db8:1:2::/64",
+        "2001:db8:1:3::1": None,
+        "10.255.0.1": "10.0.0.0/8",
+        "11.0.0.1": None,
+        "203.0.113.9": None,  # its ban has expired
+        "::ffff:0:0": None,  # an IPv6 address never matches an IPv4 ban of the same bits
+    }
+    for text, network in expected.items():
+        found = book.find(ip(text), now)
+        assert (found.reason if found else None) == network, text
+    book.remove(ipaddress.ip_network("198.51.100.0/24"))
+    assert book.find(ip("198.51.100.254"), now) is None
+    book.replace_all([bans["2001:db8:1:2::/64"]])
+    assert book.find(ip("10.255.0.1"), now) is None
+    assert book.find(ip("2001:db8:1:2::5"), now) is bans["2001:db8:1:2::/64"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,23 +29,35 @@ class Ban:
 
 
 class BanBook:
-    """Active bans by network; a lookup costs one dict probe per prefix length in use."""
+    """Active bans by network; a lookup costs one dict probe per prefix length in use.
+
+    Every refusal at the door looks here, so the probe is on integers: building an
+    `ip_network` per prefix length cost 4 µs each, more than the rest of a refusal's Python.
+    """
 
     def __init__(self) -> None:
         self._bans: dict[IPNetwork, Ban] = {}
         self._lengths: dict[int, int] = {}  # (version * 1000 + prefixlen) -> bans using it
+        # (version * 1000 + prefixlen, network address as an integer) -> ban
+        self._by_number: dict[tuple[int, int], Ban] = {}
 
     @staticmethod
     def _length_key(network: IPNetwork) -> int:
         return network.version * 1000 + network.prefixlen
 
+    @classmethod
+    def _number_key(cls, network: IPNetwork) -> tuple[int, int]:
+        return cls._length_key(network), int(network.network_address)
+
     def find(self, address: IPAddress, now: float) -> Ban | None:
+        number = int(address)
+        bits = address.max_prefixlen
+        version = address.version
         for key in self._lengths:
-            version, length = divmod(key, 1000)
-            if version != address.version:
+            if key // 1000 != version:
                 continue
-            network = ipaddress.ip_network((address, length), strict=False)
-            ban = self._bans.get(network)
+            host_bits = bits - key % 1000
+            ban = self._by_number.get((key, number >> host_bits << host_bits))
             if ban is not None and ban.active(now):
                 return ban
         return None
@@ -59,10 +70,12 @@ class BanBook:
             key = self._length_key(ban.network)
             self._lengths[key] = self._lengths.get(key, 0) + 1
         self._bans[ban.network] = ban
+        self._by_number[self._number_key(ban.network)] = ban
 
     def remove(self, network: IPNetwork) -> Ban | None:
         ban = self._bans.pop(network, None)
         if ban is not None:
+            del self._by_number[self._number_key(network)]
             key = self._length_key(network)
             self._lengths[key] -= 1
             if not self._lengths[key]:
@@ -78,6 +91,7 @@ class BanBook:
     def replace_all(self, bans: list[Ban]) -> None:
         self._bans.clear()
         self._lengths.clear()
+        self._by_number.clear()
         for ban in bans:
             self.put(ban)
 

@@ -1,4 +1,4 @@
-"""Listening sockets, and the cheap refusal used when a connection must not get a session."""
+"""The gate at accept time: refuse a connection on the spot, or give it a session."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import asyncio
 import asyncio.sslproto as sslproto
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import uvloop
 import uvloop.loop as uvloop_loop
@@ -19,6 +20,7 @@ from mailfence.config import Config, Listener
 from mailfence.defense import Action, ConnectVerdict, Defense
 from mailfence.defense.net import IPAddress, parse_ip
 from mailfence.smtp import replies
+from mailfence.smtp.door import Door, open_listening_sockets, refuse
 from mailfence.smtp.handler import RelayHandler
 from mailfence.smtp.session import RelaySMTP
 
@@ -30,58 +32,57 @@ class ListenError(Exception):
 
 
 class GateProtocol(asyncio.Protocol):
-    """The first protocol of every connection: decide, then refuse or hand over.
+    """The first protocol of an admitted connection: hands it to a `RelaySMTP` session.
 
-    It runs before TLS and before any session object exists, so a banned or over-limit
-    source costs one defense lookup, one write and a close. An allowed connection is handed
-    to a `RelaySMTP` session (after the TLS handshake, on an implicit-TLS listener).
+    The gate's decision was taken when the connection was accepted (`Listeners.accepted`),
+    before any transport existed; a refused connection never gets here. On an implicit-TLS
+    listener the session starts behind a TLS layer.
     """
 
-    def __init__(self, listeners: Listeners, listener: Listener) -> None:
+    def __init__(
+        self,
+        listeners: Listeners,
+        listener: Listener,
+        address: IPAddress,
+        verdict: ConnectVerdict | None,
+    ) -> None:
         self.listeners = listeners
         self.listener = listener
-        self.address: IPAddress | None = None
+        self.address: IPAddress | None = address  # None once the slot is released
         self.handed_over = False
-        self.verdict: ConnectVerdict | None = None
+        self.verdict = verdict  # None: a trusted proxy, whose client is judged later
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listeners = self.listeners
-        if listeners.draining:
-            _refuse(transport, replies.SHUTTING_DOWN)
-            return
-        peer = transport.get_extra_info("peername")
-        try:
-            self.address = parse_ip(str(peer[0]))
-        except (TypeError, ValueError, IndexError):
+        address = self.address
+        if address is None:  # abandoned before the transport existed
             transport.close()
             return
-        if self.listener.proxy_protocol:
-            self._accept_from_proxy(transport, self.address)
+        if listeners.draining:
+            transport.write(_SHUTTING_DOWN)  # type: ignore[attr-defined]
+            transport.close()
             return
-        verdict = listeners.admit(self.address)
-        if verdict.action is not Action.ALLOW:
-            self.address = None
-            _refuse(transport, _CONNECT_REPLY[verdict.action])
+        if self.verdict is None:
+            self._accept_from_proxy(transport, address)
             return
-        self.verdict = verdict
-        session = listeners.new_session(self.listener, self.address, verdict)
+        session = listeners.new_session(self.listener, address, self.verdict)
         self.handed_over = True  # from here on the session releases the connection
         if self.listener.tls == "implicit":
-            self._wrap_in_tls(transport, session, self.address)
+            self._wrap_in_tls(transport, session, address)
         else:
             transport.set_protocol(session)
             session.connection_made(transport)
 
+    def abandon(self) -> None:
+        """The transport could not be made: give the slot back."""
+        if not self.handed_over and self.address is not None:
+            self._release()
+
     def _accept_from_proxy(self, transport: asyncio.BaseTransport, proxy: IPAddress) -> None:
-        """A PROXY-protocol listener: only trusted proxies may connect, and the client's own
-        address (known once the header is read) goes through the gate in `handle_PROXY`.
-        The proxy's address is never counted or banned."""
+        """A trusted proxy (checked at accept time): the client's own address, known once the
+        header is read, goes through the gate in `handle_PROXY`. The proxy's address is never
+        counted or banned."""
         listeners = self.listeners
-        if not any(proxy in net for net in listeners.config.defense.trusted_proxies):
-            log.warning("refused %s: not in defense.trusted_proxies", proxy)
-            transport.close()
-            return
-        listeners.open_connections += 1
         session = listeners.new_proxied_session(self.listener, proxy)
         self.handed_over = True
         transport.set_protocol(session)
@@ -123,8 +124,18 @@ class GateProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handed_over and self.address is not None:
+            self._release()
+
+    def _release(self) -> None:
+        if self.verdict is None:
+            self.listeners.open_connections -= 1  # a proxy: counted, never judged
+        elif self.address is not None:
             self.listeners.release(self.address)
-            self.address = None
+        self.address = None
+
+
+def _line(reply: str) -> bytes:
+    return reply.encode("ascii") + b"\r\n"
 
 
 _CONNECT_REPLY = {
@@ -132,12 +143,8 @@ _CONNECT_REPLY = {
     Action.BANNED_PERMANENT: replies.BANNED_PERMANENTLY,
     Action.LIMIT: replies.TOO_MANY_CONNECTIONS,
 }
-
-
-def _refuse(transport: asyncio.BaseTransport, reply: str) -> None:
-    # uvloop's transports do not subclass asyncio.WriteTransport, hence the cast.
-    cast(asyncio.WriteTransport, transport).write(reply.encode("ascii") + b"\r\n")
-    transport.close()
+_CONNECT_LINE = {action: _line(reply) for action, reply in _CONNECT_REPLY.items()}
+_SHUTTING_DOWN = _line(replies.SHUTTING_DOWN)
 
 
 class Listeners:
@@ -153,8 +160,51 @@ class Listeners:
         self.live: dict[RelaySMTP, None] = {}  # insertion order: the oldest first
         self.phases: Counter[str] = Counter()  # live sessions per phase
         self.open_connections = 0  # admitted, including those still in a TLS handshake
-        self.servers: list[asyncio.Server] = []
+        self.doors: list[Door] = []
+        self._first_doors: list[Door] = []  # per listener, in config order
         self.draining = False
+        # Admitted connections whose transport is being made (bounded by max_connections).
+        self._opening: set[asyncio.Task[None]] = set()
+
+    def accepted(self, listener: Listener, connection: socket.socket, peer: Any) -> None:
+        """A door's callback: refuse on the spot (a send and a close, no transport) or make
+        a transport for the admitted connection, in a task so the door's batch goes on."""
+        if self.draining:
+            refuse(connection, _SHUTTING_DOWN)
+            return
+        try:
+            address = parse_ip(str(peer[0]))
+        except (TypeError, ValueError, IndexError):
+            connection.close()
+            return
+        verdict: ConnectVerdict | None = None
+        if listener.proxy_protocol:
+            if not any(address in net for net in self.config.defense.trusted_proxies):
+                log.warning("refused %s: not in defense.trusted_proxies", address)
+                connection.close()
+                return
+            self.open_connections += 1
+        else:
+            verdict = self.admit(address)
+            if verdict.action is not Action.ALLOW:
+                refuse(connection, _CONNECT_LINE[verdict.action])
+                return
+        gate = GateProtocol(self, listener, address, verdict)
+        task = asyncio.get_running_loop().create_task(self._open(connection, gate))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, connection: socket.socket, gate: GateProtocol) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: gate, connection)
+        except BaseException as error:
+            gate.abandon()
+            connection.close()
+            if not isinstance(error, (OSError, asyncio.CancelledError)):
+                log.exception("could not open a transport for %s", gate.address)
+            if isinstance(error, asyncio.CancelledError):
+                raise
 
     def admit(self, address: IPAddress) -> ConnectVerdict:
         """The gate: allowlist, bans, the global limit, then the defense's own limits."""
@@ -221,23 +271,10 @@ class Listeners:
             session.set_unauthenticated_timeout(self.config.defense.attack_session_timeout)
         return session
 
-    def _factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
-        def build() -> asyncio.Protocol:
-            return GateProtocol(self, listener)
-
-        return build
-
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for index, listener in enumerate(self.config.listen):
             try:
-                server = await loop.create_server(
-                    self._factory(listener),
-                    host=listener.host,
-                    port=listener.port,
-                    reuse_address=True,
-                    backlog=1024,
-                )
+                sockets = open_listening_sockets(listener.host, listener.port, backlog=1024)
             except OSError as error:
                 await self.close()
                 reason = (
@@ -249,22 +286,29 @@ class Listeners:
                     f"{self.config.source}: listen[{index}].address: {listener.address} {reason};"
                     " fix: stop the other process or choose another address"
                 ) from None
-            self.servers.append(server)
+            doors = [Door(sock, self._accepted_on(listener)) for sock in sockets]
+            for door in doors:
+                door.open()
+            self.doors.extend(doors)
+            self._first_doors.append(doors[0])
+
+    def _accepted_on(self, listener: Listener) -> Callable[[socket.socket, Any], None]:
+        def accepted(connection: socket.socket, peer: Any) -> None:
+            self.accepted(listener, connection, peer)
+
+        return accepted
 
     def bound_ports(self) -> list[int]:
-        """The ports actually bound, in listener order (useful when the config says port 0)."""
-        ports = []
-        for server in self.servers:
-            ports.append(server.sockets[0].getsockname()[1])
-        return ports
+        """The ports actually bound, in listener order (useful when the config says port 0).
+        A listener whose host resolves to several addresses reports its first socket's."""
+        return [door.port for door in self._first_doors]
 
     async def stop_accepting(self) -> None:
         self.draining = True
-        for server in self.servers:
-            server.close()
+        for door in self.doors:
+            door.close()
 
     async def close(self) -> None:
         await self.stop_accepting()
-        for server in self.servers:
-            await server.wait_closed()
-        self.servers.clear()
+        self.doors.clear()
+        self._first_doors.clear()

@@ -1,0 +1,128 @@
+"""A listening socket accepted by hand, a few connections per turn of the event loop.
+
+With `loop.create_server`, libuv accepts every pending connection in one go and the loop then
+runs all their `connection_made` calls back to back. During a flood the accept queue holds a
+few hundred bots' connections at any time, so each such burst held every session (the
+customers' included) for milliseconds. A door accepts at most ACCEPT_BATCH connections per
+turn and gives each to a callback that refuses it on the spot or hands it to the event loop;
+sessions that are ready run between two batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("mailfence.smtp")
+
+ACCEPT_BATCH = 16  # connections accepted per turn of the event loop
+# Out of file descriptors (or kernel memory): stop accepting this long, then try again. The
+# connections wait in the kernel's backlog meanwhile, instead of the loop spinning on accept.
+ACCEPT_PAUSE = 0.1
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+Accepted = Callable[[socket.socket, Any], None]  # (connection, peer address as accept gives it)
+
+
+def open_listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Non-blocking listening sockets for (host, port), one per address it resolves to, as
+    `loop.create_server` makes them (SO_REUSEADDR; IPv6 sockets IPv6-only)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Door:
+    """Accepts from one listening socket on the running loop; see the module docstring."""
+
+    def __init__(self, sock: socket.socket, accepted: Accepted) -> None:
+        self.sock = sock
+        self.accepted = accepted
+        self.paused = False  # out of resources: not watching the socket for a moment
+        self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self.accept_batch)
+
+    def accept_batch(self) -> int:
+        """Accepts up to ACCEPT_BATCH waiting connections; returns how many it accepted."""
+        for count in range(ACCEPT_BATCH):
+            try:
+                connection, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return count
+            except ConnectionAbortedError:
+                continue  # reset while in the backlog: nothing to answer
+            except OSError as error:
+                if error.errno in _OUT_OF_RESOURCES:
+                    self._pause(error)
+                    return count
+                raise
+            self.accepted(connection, peer)
+        return ACCEPT_BATCH
+
+    def _pause(self, error: OSError) -> None:
+        if self.paused or self.closed or self._loop is None:
+            return
+        log.warning(
+            "cannot accept on %s: %s; pausing %.1f s (raise LimitNOFILE, or lower"
+            " smtp.max_connections)",
+            self.sock.getsockname(),
+            error.strerror or error,
+            ACCEPT_PAUSE,
+        )
+        self.paused = True
+        self._loop.remove_reader(self.sock.fileno())
+        self._resume = self._loop.call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self.paused = False
+        self._resume = None
+        if not self.closed and self._loop is not None:
+            self._loop.add_reader(self.sock.fileno(), self.accept_batch)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+        if self._loop is not None and not self.paused:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def refuse(connection: socket.socket, reply: bytes) -> None:
+    """Answers a just-accepted connection with one line and closes it: no transport, no
+    protocol object. The reply fits any fresh socket's send buffer; MSG_DONTWAIT makes sure
+    a send never blocks the loop all the same."""
+    try:  # noqa: SIM105 (a plain try costs nothing here; contextlib.suppress does, per refusal)
+        connection.send(reply, socket.MSG_DONTWAIT)
+    except OSError:
+        pass  # the client is already gone: nothing to tell it
+    connection.close()
