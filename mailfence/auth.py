@@ -34,10 +34,13 @@ from mailfence.store.users import User
 
 log = logging.getLogger("mailfence.auth")
 
-# How much lower than the relay's own the CPU priority of strangers' hashes is (a nice
-# increment): they get what the event loop and the customers' hashes leave, never a share of
-# it. Ten is what a `nice` command adds by default.
-STRANGERS_NICE = 10
+# How much lower than the relay's own the CPU priority of strangers' hashes (the unknown and
+# retry lanes) is, as a nice increment: the event loop and customers' hashes get the CPU
+# first. Five, not more: a stranger's hash must still finish promptly on a busy machine (a
+# bot is never kept waiting because the relay is busy), and a thread that waits long for a
+# core may hold up the event loop when it takes the GIL back (measured with the flood
+# benchmark: at +10 strangers' hashes took 100+ ms under load, at +5 about 25 ms).
+STRANGERS_NICE = 5
 
 
 def make_hasher(config: AuthConfig) -> argon2.PasswordHasher:
@@ -222,6 +225,9 @@ class VerificationPool:
         self.waiting: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
         # Recent verification times, used to make a login for an unknown user take as long.
         self.recent_seconds: deque[float] = deque(maxlen=64)
+        # The same, for strangers' hashes alone (they run at a lower priority): a login for a
+        # user that does not exist is always a stranger's, and must take as long as one.
+        self.recent_stranger_seconds: deque[float] = deque(maxlen=64)
         # Time spent waiting for a thread, per lane (the last 256): `top` shows its p99.
         self.recent_waits: dict[str, deque[float]] = {lane: deque(maxlen=256) for lane in LANES}
 
@@ -289,16 +295,20 @@ class VerificationPool:
             # session dropped mid-AUTH must not let another hash start on a busy core.
             self._release(lane)
             if not job.cancelled() and job.exception() is None:
-                self.recent_seconds.append(time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.recent_seconds.append(seconds)
+                if lane != "known":
+                    self.recent_stranger_seconds.append(seconds)
 
         job.add_done_callback(finished)
         return await asyncio.shield(job)
 
     def decoy_delay(self) -> float:
-        """How long a real verification takes now, drawn from recent ones."""
-        if not self.recent_seconds:
+        """How long a stranger's real verification takes now, drawn from recent ones."""
+        samples = self.recent_stranger_seconds or self.recent_seconds
+        if not samples:
             return 0.02
-        return random.choice(self.recent_seconds) * random.uniform(0.9, 1.1)
+        return random.choice(samples) * random.uniform(0.9, 1.1)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -316,7 +326,13 @@ def lower_thread_priority() -> None:
         current = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(19, current + STRANGERS_NICE))
     except (AttributeError, OSError) as error:
-        log.warning("strangers' hashes run at normal priority: cannot renice a thread: %s", error)
+        global _renice_failure_logged
+        if not _renice_failure_logged:
+            _renice_failure_logged = True
+            log.warning("strangers' hashes run at normal priority: cannot renice: %s", error)
+
+
+_renice_failure_logged = False
 
 
 class Authenticator:

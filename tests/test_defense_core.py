@@ -417,7 +417,7 @@ def test_ban_book_finds_the_covering_ban_by_prefix_and_family() -> None:
         "10.255.0.1": "10.0.0.0/8",
         "11.0.0.1": None,
         "203.0.113.9": None,  # its ban has expired
-        "::ffff:0:0": None,  # an IPv6 address never matches an IPv4 ban of the same bits
+        "::a00:1": None,  # the bits of 10.0.0.1, but IPv6: never matches an IPv4 ban
     }
     for text, network in expected.items():
         found = book.find(ip(text), now)

@@ -89,9 +89,36 @@ def test_out_of_descriptors_pauses_the_door_and_it_resumes(
     try:
         with caplog.at_level(logging.WARNING, "mailfence.smtp"), clients(door.port, total):
             asyncio.run(main())
-        assert any("pausing" in record.getMessage() for record in caplog.records)
+        messages = [record.getMessage() for record in caplog.records]
+        # One warning for the whole episode however many pauses it took, and one when over.
+        assert sum("cannot accept" in message for message in messages) == 1
+        assert sum("accepting again" in message for message in messages) == 1
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for connection in accepted:
             connection.close()
         door.close()
+
+
+def test_an_address_family_the_kernel_lacks_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`localhost` resolves to ::1 as well on a kernel booted with IPv6 disabled, where an
+    AF_INET6 socket cannot be made. Such a kernel cannot be had here, so the resolver is
+    made to answer with a family no kernel has (255): that address is skipped as
+    loop.create_server skipped it, and only a name with no usable address at all fails."""
+    real = socket.getaddrinfo
+    missing = (255, socket.SOCK_STREAM, 6, "", ("::1", 0))
+
+    def resolver(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+        answers: list[object] = [missing]
+        if host == "localhost":
+            answers += real("127.0.0.1", port, type=socket.SOCK_STREAM)
+        return answers
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    [listening] = open_listening_sockets("localhost", 0, backlog=8)
+    try:
+        assert listening.family == socket.AF_INET
+    finally:
+        listening.close()
+    with pytest.raises(OSError):
+        open_listening_sockets("ipv6-only.invalid", 0, backlog=8)

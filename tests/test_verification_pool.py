@@ -157,3 +157,22 @@ def test_strangers_hash_at_a_lower_cpu_priority_than_customers() -> None:
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_decoys_take_as_long_as_a_strangers_hash() -> None:
+    """A login for a user that does not exist is always a stranger's: its decoy delay is
+    drawn from strangers' hashes (which run at a lower priority), not from customers'."""
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=2, known_queue=8, unknown_queue=8, unknown_threads=1)
+        await pool.verify(digest, SECRET, "known")
+        [customer] = pool.recent_seconds
+        assert customer * 0.9 <= pool.decoy_delay() <= customer * 1.1  # all there is so far
+        await pool.verify(digest, b"guess", "unknown")
+        [stranger] = pool.recent_stranger_seconds
+        for _ in range(20):
+            assert stranger * 0.9 <= pool.decoy_delay() <= stranger * 1.1
+        pool.shutdown()
+
+    asyncio.run(main())

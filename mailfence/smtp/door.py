@@ -24,18 +24,37 @@ ACCEPT_BATCH = 16  # connections accepted per turn of the event loop
 # connections wait in the kernel's backlog meanwhile, instead of the loop spinning on accept.
 ACCEPT_PAUSE = 0.1
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Errors that accept(2) on Linux reports for one pending connection (a network error, a
+# firewall's verdict): that connection is lost, the next ones are fine.
+_LOST_ONE = {
+    errno.EPERM,
+    errno.EPROTO,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+}
 
 Accepted = Callable[[socket.socket, Any], None]  # (connection, peer address as accept gives it)
 
 
 def open_listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Non-blocking listening sockets for (host, port), one per address it resolves to, as
-    `loop.create_server` makes them (SO_REUSEADDR; IPv6 sockets IPv6-only)."""
+    `loop.create_server` makes them (SO_REUSEADDR; IPv6 sockets IPv6-only). Like it, an
+    address of a family this kernel lacks (IPv6 disabled, say) is skipped, not fatal."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
+    unsupported: OSError | None = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as error:
+                unsupported = error
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -47,6 +66,8 @@ def open_listening_sockets(host: str, port: int, backlog: int) -> list[socket.so
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise unsupported or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     return sockets
 
 
@@ -58,12 +79,18 @@ class Door:
         self.accepted = accepted
         self.paused = False  # out of resources: not watching the socket for a moment
         self.closed = False
+        self._pauses_unreported = 0  # pauses since the last warning (one per episode)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
+
+    @property
+    def name(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def open(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,20 +109,30 @@ class Door:
                 if error.errno in _OUT_OF_RESOURCES:
                     self._pause(error)
                     return count
+                if error.errno in _LOST_ONE:
+                    log.debug("accept: one connection lost: %s", error)
+                    continue
                 raise
+            if self._pauses_unreported:
+                log.warning(
+                    "accepting again on %s after %d pauses", self.name, self._pauses_unreported
+                )
+                self._pauses_unreported = 0
             self.accepted(connection, peer)
         return ACCEPT_BATCH
 
     def _pause(self, error: OSError) -> None:
         if self.paused or self.closed or self._loop is None:
             return
-        log.warning(
-            "cannot accept on %s: %s; pausing %.1f s (raise LimitNOFILE, or lower"
-            " smtp.max_connections)",
-            self.sock.getsockname(),
-            error.strerror or error,
-            ACCEPT_PAUSE,
-        )
+        if not self._pauses_unreported:  # once per episode, not ten times a second
+            log.warning(
+                "cannot accept on %s: %s; pausing %.1f s at a time until it can (raise"
+                " LimitNOFILE, or lower smtp.max_connections)",
+                self.name,
+                error.strerror or error,
+                ACCEPT_PAUSE,
+            )
+        self._pauses_unreported += 1
         self.paused = True
         self._loop.remove_reader(self.sock.fileno())
         self._resume = self._loop.call_later(ACCEPT_PAUSE, self._unpause)

@@ -27,6 +27,9 @@ from mailfence.smtp.session import RelaySMTP
 log = logging.getLogger("mailfence.smtp")
 
 
+OPENING_GRACE = 5.0  # seconds close() waits for transports still being made
+
+
 class ListenError(Exception):
     """A listener could not be opened; the message names the key and the fix."""
 
@@ -196,15 +199,18 @@ class Listeners:
 
     async def _open(self, connection: socket.socket, gate: GateProtocol) -> None:
         loop = asyncio.get_running_loop()
+        address = gate.address
         try:
             await loop.connect_accepted_socket(lambda: gate, connection)
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the loop is going down; the transport may still own the socket
         except BaseException as error:
             gate.abandon()
             connection.close()
-            if not isinstance(error, (OSError, asyncio.CancelledError)):
-                log.exception("could not open a transport for %s", gate.address)
             if isinstance(error, asyncio.CancelledError):
                 raise
+            if not isinstance(error, OSError):
+                log.exception("could not open a transport for %s", address)
 
     def admit(self, address: IPAddress) -> ConnectVerdict:
         """The gate: allowlist, bans, the global limit, then the defense's own limits."""
@@ -310,5 +316,9 @@ class Listeners:
 
     async def close(self) -> None:
         await self.stop_accepting()
+        if self._opening:
+            # Transports being made for connections admitted just before: they turn into
+            # sessions (which see `draining`) within a turn or two; let them, never cancel.
+            await asyncio.wait(set(self._opening), timeout=OPENING_GRACE)
         self.doors.clear()
         self._first_doors.clear()
