@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -499,3 +500,35 @@ def test_control_socket_bans_and_unbans_at_once(relay: RunningRelay) -> None:
     permanent = control.request(path, "ban", {"network": "127.52.0.0/24", "permanent": True})
     assert permanent["until"] is None
     assert banner(relay, "127.52.0.4").startswith(b"554 ")
+
+
+def test_control_close_lets_a_running_command_finish(tmp_path: Path) -> None:
+    """A command in progress (a ban being written) is not cut off when the server stops: the
+    server closes the database only after close() returns."""
+    import asyncio
+
+    finished: list[str] = []
+
+    async def slow_ban(request: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.3)
+        finished.append(str(request.get("network")))
+        return {}
+
+    async def main() -> None:
+        server = control.ControlServer(tmp_path / "control.sock", {"ban": slow_ban})
+        await server.start()
+        loop = asyncio.get_running_loop()
+        asking = loop.run_in_executor(
+            None, lambda: control.request(tmp_path / "control.sock", "ban", {"network": "x"})
+        )
+        for _ in range(100):  # bounded: until the command is under way (1 s at most)
+            if server._running:
+                break
+            await asyncio.sleep(0.01)
+        assert server._running and not finished
+        await server.close()
+        assert finished == ["x"]
+        with contextlib.suppress(control.NotRunning, OSError):
+            await asking
+
+    asyncio.run(main())

@@ -27,6 +27,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_CLIENTS = 32
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+COMMAND_GRACE = 10.0  # seconds close() waits for commands still being carried out
 EVENT_QUEUE = 256  # per subscriber; a slow reader loses the oldest events, never the relay
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -43,6 +44,9 @@ class ControlServer:
         self.clients = 0
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._server: asyncio.AbstractServer | None = None
+        # Commands being carried out (a ban being written, say): close() lets them finish
+        # before the server goes on to close the database under them.
+        self._running: set[asyncio.Task[dict[str, Any]]] = set()
 
     async def start(self) -> None:
         path = self.path
@@ -83,6 +87,8 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=COMMAND_GRACE)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -127,8 +133,12 @@ class ControlServer:
             known = ", ".join(sorted([*self.commands, "events"]))
             await _send(writer, {"ok": False, "error": f"unknown cmd {command!r}; known: {known}"})
             return
+        task = asyncio.ensure_future(handler(request))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
         try:
-            answer = await handler(request)
+            # Shielded: a client hanging up does not abandon a command half carried out.
+            answer = await asyncio.shield(task)
         except ValueError as error:
             answer = {"ok": False, "error": str(error)}
         except Exception as error:
