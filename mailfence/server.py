@@ -307,6 +307,19 @@ class Server:
 
         self._in_background(write())
 
+    def _forget_unwritten_bans(self, network: IPNetwork | None) -> int:
+        """Drops automatic bans held only in memory (on exactly `network`, or all of them).
+        Such a ban's database write failed: without this, `unban` found no row to lift and
+        the ban held until it expired or the relay restarted. Returns how many it dropped."""
+        gone = [
+            key
+            for key, (ban, _) in self.unconfirmed_bans.items()
+            if network is None or ban.network == network
+        ]
+        for key in gone:
+            del self.unconfirmed_bans[key]
+        return len(gone)
+
     def _persist_known_good(self, user: str, prefix: IPNetwork, when: float) -> None:
         async def write() -> None:
             try:
@@ -407,6 +420,8 @@ class Server:
 
         async def defense_changed(request: dict[str, Any]) -> dict[str, Any]:
             # `mailfence ban/unban/allow` wrote the database: apply it now, not within 1 s.
+            if request.get("cleared_auto") is True:  # `bans clear --auto`: memory's too
+                self._forget_unwritten_bans(None)
             await self._load_defense_state(initial=False)
             for ban in request.get("bans", []):
                 self.observer.ban_recorded(
@@ -453,9 +468,13 @@ class Server:
 
         async def unban(request: dict[str, Any]) -> dict[str, Any]:
             network = _network(request.get("network"))
+            # First the bans held only here (their write failed or is still queued; a queued
+            # one is written before the lift below, which then ends it too).
+            unwritten = self._forget_unwritten_bans(network)
             lifted = await self.writer.run(
                 lambda conn: defense_table.lift(conn, network, time.time())
             )
+            lifted += unwritten
             if not lifted:
                 raise ValueError(f"no ban in force on exactly {network}")
             await self._load_defense_state(initial=False)

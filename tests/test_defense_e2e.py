@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
+import json
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -134,9 +138,57 @@ def test_allowlisted_address_is_never_refused(start_relay: StartRelay, tmp_path:
     assert banner(relay, "127.88.0.1").startswith(b"220 ")
 
 
-def test_honeypot_name_bans_the_source(relay: RunningRelay) -> None:
+def test_honeypot_name_bans_the_source(relay: RunningRelay, tmp_path: Path) -> None:
     assert guess(relay, "127.99.0.3", "admin", "admin") == 454
     assert banner(relay, "127.99.0.3").startswith(b"421 ")
+    # Recorded like every automatic ban: listed, with its evidence, and kept over a restart.
+    listed: list[dict[str, object]] = []
+    for _ in range(50):  # bounded: the write is in the background, 5 s at most
+        listed = json.loads(cli(relay, tmp_path, "bans", "--json").stdout)
+        if listed:
+            break
+        time.sleep(0.1)
+    assert [(b["network"], b["reason"]) for b in listed] == [
+        ("127.99.0.3/32", "honeypot user name tried")
+    ]
+
+
+@contextlib.contextmanager
+def bans_cannot_be_written(relay: RunningRelay) -> Iterator[None]:
+    """A real SQLite failure on every insert into the bans table, while in this block."""
+    with sqlite3.connect(relay.config.database_path, timeout=10) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_bans BEFORE INSERT ON bans"
+            " BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END"
+        )
+    try:
+        yield
+    finally:
+        with sqlite3.connect(relay.config.database_path, timeout=10) as conn:
+            conn.execute("DROP TRIGGER refuse_bans")
+
+
+def test_a_ban_the_database_refused_can_still_be_lifted(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """An automatic ban whose write fails holds in the running relay's memory; `mailfence
+    unban` must lift it all the same (it finds no row, and asks the relay). The failure is a
+    real SQLite error: a trigger that aborts every insert into the bans table."""
+    with bans_cannot_be_written(relay):
+        assert guess(relay, "127.98.0.4", "admin", "admin") == 454  # honeypot: banned
+        assert banner(relay, "127.98.0.4").startswith(b"421 ")
+        time.sleep(1.5)  # a reload or two: the ban holds although no row exists
+        assert banner(relay, "127.98.0.4").startswith(b"421 ")
+    result = cli(relay, tmp_path, "unban", "127.98.0.4")
+    assert result.returncode == 0, result.stderr
+    assert "held only by the running server" in result.stdout
+    assert banner(relay, "127.98.0.4").startswith(b"220 ")  # at once, not within a second
+    # `bans clear --auto` lifts such bans too.
+    with bans_cannot_be_written(relay):
+        assert guess(relay, "127.98.0.5", "admin", "admin") == 454
+        assert banner(relay, "127.98.0.5").startswith(b"421 ")
+    assert cli(relay, tmp_path, "bans", "clear", "--auto").returncode == 0
+    assert banner(relay, "127.98.0.5").startswith(b"220 ")
 
 
 def test_session_auth_budget_closes_with_421(relay: RunningRelay) -> None:

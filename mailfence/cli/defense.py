@@ -107,6 +107,11 @@ def unban(
         lifted = table.lift(conn, target, time.time())
         conn.execute("COMMIT")
     if not lifted:
+        # Not in the database, but a running server may hold it in memory only (an
+        # automatic ban whose write failed): it can lift that itself.
+        if tell_server(settings, "unban", network=str(target)):
+            out.print(f"unbanned {target} (it was held only by the running server)", markup=False)
+            return
         fail(f"no ban in force on exactly {target} (see 'mailfence bans'; 'mailfence explain IP')")
     applied = tell_server(settings, "defense-changed")
     out.print(f"unbanned {target}{_applied(applied)}", markup=False)
@@ -156,7 +161,7 @@ def clear(
         conn.execute("BEGIN IMMEDIATE")
         lifted = table.lift_auto(conn, time.time())
         conn.execute("COMMIT")
-    applied = tell_server(settings, "defense-changed")
+    applied = tell_server(settings, "defense-changed", cleared_auto=True)
     out.print(f"lifted {lifted} automatic ban(s){_applied(applied)}", markup=False)
 
 

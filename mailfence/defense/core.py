@@ -66,6 +66,7 @@ class AuthGate:
     # A refusal a mail server's retry may lift: the same user and password again from the
     # same source (the authenticator's retry ticket). Bots guess anew and never qualify.
     retry_allowed: bool = False
+    bans: tuple[Ban, ...] = ()  # made by this check (a honeypot name): to record and announce
 
 
 @dataclass
@@ -286,10 +287,10 @@ class Defense:
         if self.bans.find(address, now) is not None:
             return AuthGate(AuthAction.REFUSE, lane, "source banned")
         if not user_exists and username.lower() in config.honeypot_users:
-            self._ban(
+            made = self._ban(
                 self.source_of(address), now, "honeypot user name tried", {"usernames": [username]}
             )
-            return AuthGate(AuthAction.REFUSE, lane, "honeypot user name")
+            return AuthGate(AuthAction.REFUSE, lane, "honeypot user name", bans=tuple(made))
         # Strangers are refused for a name under attack, without hashing. A customer logging
         # in for the first time is one of them: its server's retry (the same password from the
         # same source) is let through to the hash.
