@@ -351,17 +351,21 @@ class Server:
         figures.bounced = reported.get("failed", 0)
         figures.restarts = restarts
 
-    async def _roll_up(self, wall: float, minute_ended: bool = True) -> None:
-        """Adds the last minute's figures to its hour in SQLite (`mailfence stats --since`).
+    async def _roll_up(self, minute: int) -> None:
+        """Adds the figures gathered since the last roll-up to the hour of `minute` (unix
+        minutes: the minute they were gathered in) in SQLite (`mailfence stats --since`).
 
-        At shutdown (`minute_ended=False`) the figures of the minute in progress go to the
-        current hour, so a restart loses none of them."""
+        The tick rolls up each minute once it has ended; shutdown rolls up the minute in
+        progress, so a restart loses none of them. Either way the hour is that minute's, not
+        the clock's: a stop in the first seconds of an hour files the minute before it under
+        the hour it belongs to."""
         flat = self.observer.flat_totals()
         changes = {name: flat[name] - self.history_base.get(name, 0) for name in flat}
         t250 = list(self.handler.totals.to_250_seconds.counts)
         t250_changes = [a - b for a, b in zip(t250, self.history_t250, strict=True)]
         self.history_base, self.history_t250 = flat, t250
-        hour = int(wall - 60 if minute_ended else wall) // 3600 * 3600
+        hour = minute * 60 // 3600 * 3600
+        wall = time.time()
 
         def write(conn: sqlite3.Connection) -> None:
             history.add_minute(conn, hour, changes, t250_changes)
@@ -610,8 +614,8 @@ class Server:
             self.flood_limiter.flush()  # the summary of what a flood's lines were folded into
         minute = int(wall // 60)
         if minute != self.history_minute:
-            self.history_minute = minute
-            await self._roll_up(wall)
+            ended, self.history_minute = self.history_minute, minute
+            await self._roll_up(ended)
         if now >= self.next_cleanup:
             self.next_cleanup = now + 60.0
             self.defense.housekeeping(wall)
@@ -677,7 +681,7 @@ class Server:
         # The figures of the minute in progress, so `stats --since` loses nothing to a restart.
         self._collect_delivery_figures()
         try:
-            await self._roll_up(time.time(), minute_ended=False)
+            await self._roll_up(self.history_minute)
         except Exception:
             log.exception("could not record the last minute's figures")
         # 5. Storage last: every write queued so far is committed before the process exits.

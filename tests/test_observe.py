@@ -195,7 +195,7 @@ def test_the_relay_rolls_up_a_minute_into_history(relay: RunningRelay, sink: Sin
     def roll_up() -> None:
         import asyncio
 
-        task = asyncio.get_running_loop().create_task(server._roll_up(time.time() + 60))
+        task = asyncio.get_running_loop().create_task(server._roll_up(server.history_minute))
         task.add_done_callback(lambda t: done.append(t.exception() is None))
 
     relay.call(roll_up)
@@ -205,6 +205,25 @@ def test_the_relay_rolls_up_a_minute_into_history(relay: RunningRelay, sink: Sin
     rows = history.since(conn, time.time() - 3600)
     conn.close()
     assert sum(r["accepted"] for r in rows) == 1 and sum(r["auth_ok"] for r in rows) == 1
+
+
+def test_a_stop_just_after_the_hour_files_the_last_minute_under_its_own_hour(
+    relay: RunningRelay, sink: Sink
+) -> None:
+    """The relay last rolled up in the final minute of the previous hour; it stops before its
+    tick notices the new one. What it counted since belongs to the previous hour."""
+    if time.time() % 60 > 55:  # the test's own few seconds must not cross a real minute
+        time.sleep(61 - time.time() % 60)
+    this_hour = int(time.time()) // 3600 * 3600
+    send(relay, 1)
+    # As if the last roll-up was in the previous hour's last minute. Whether the relay's
+    # tick or its shutdown rolls up next, the figures belong to that minute's hour.
+    relay.call(lambda: setattr(relay.server, "history_minute", this_hour // 60 - 1))
+    relay.stop()
+    conn = connect(relay.config.database_path)
+    rows = history.since(conn, this_hour - 3600)
+    conn.close()
+    assert [(r["hour"], r["accepted"]) for r in rows if r["accepted"]] == [(this_hour - 3600, 1)]
 
 
 def test_metrics_parse_and_move(relay: RunningRelay, sink: Sink) -> None:
