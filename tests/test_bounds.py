@@ -9,6 +9,7 @@ import select
 import smtplib
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -195,3 +196,30 @@ def test_the_wal_is_checkpointed_on_a_timer_not_by_commits(
     while len(calls) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(calls) >= 3
+
+
+def test_a_reset_during_the_starttls_handshake_gives_the_slot_back(
+    start_relay: StartRelay,
+) -> None:
+    """uvloop's TLS layer does not pass on a reset that comes mid-handshake: the session
+    must end (and free its connection slot) all the same, not wait forever."""
+    relay = start_relay()
+    listeners = relay.server.listeners
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", relay.starttls_port), timeout=10)
+        sock.recv(1024)
+        sock.sendall(b"EHLO client.example\r\n")
+        time.sleep(0.05)
+        sock.recv(4096)
+        sock.sendall(b"STARTTLS\r\n")
+        assert sock.recv(1024).startswith(b"220")
+        sock.sendall(b"\x16\x03\x01\x00\xff\x01\x00")  # the start of a ClientHello, no more
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    for _ in range(100):  # bounded: 5 s
+        if not listeners.live and listeners.open_connections == 0:
+            break
+        time.sleep(0.05)
+    assert not listeners.live
+    assert listeners.open_connections == 0

@@ -102,6 +102,7 @@ class RelaySMTP(SMTP):
         self._phases: Counter[str] = phases if phases is not None else Counter()
         self._phase = "connect"
         self._counted = False
+        self._lost = False
         super().__init__(
             handler,
             data_size_limit=config.relay.max_message_bytes,
@@ -203,6 +204,11 @@ class RelaySMTP(SMTP):
         self._client_connected_cb = None
 
     def connection_lost(self, error: Exception | None) -> None:
+        # Once only: STARTTLS's failure path calls it too (see smtp_STARTTLS), and after
+        # _forget aiosmtpd's own connection_lost would trip over the forgotten task.
+        if self._lost:
+            return
+        self._lost = True
         task = self._handler_coroutine
         if task is not None:
             task.add_done_callback(self._forget)
@@ -331,9 +337,13 @@ class RelaySMTP(SMTP):
                 server_side=True,
                 ssl_handshake_timeout=self.config.smtp.tls_handshake_timeout,
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
             if self.transport is not None:
                 self.transport.close()
+            # A reset during the handshake never reaches this protocol through uvloop's TLS
+            # layer: without this the session, its task and its connection slot would stay
+            # forever. (When the loss does arrive as well, the second call does nothing.)
+            self.connection_lost(error)
             return
         if transport is None:
             return
