@@ -307,18 +307,23 @@ class Server:
 
         self._in_background(write())
 
-    def _forget_unwritten_bans(self, network: IPNetwork | None) -> int:
-        """Drops automatic bans held only in memory (on exactly `network`, or all of them).
-        Such a ban's database write failed: without this, `unban` found no row to lift and
-        the ban held until it expired or the relay restarted. Returns how many it dropped."""
-        gone = [
+    def _unwritten_bans(self, network: IPNetwork | None, now: float) -> list[int]:
+        """Keys of automatic bans in force that no database row holds yet (on exactly
+        `network`, or all of them): their write failed or is still queued. Without these,
+        `unban` found no row to lift and the ban held until it expired or the relay
+        restarted. A ban written but not yet reloaded is not one: the database lifts it."""
+        return [
             key
-            for key, (ban, _) in self.unconfirmed_bans.items()
-            if network is None or ban.network == network
+            for key, (ban, written) in self.unconfirmed_bans.items()
+            if written is None and ban.active(now) and (network is None or ban.network == network)
         ]
-        for key in gone:
-            del self.unconfirmed_bans[key]
-        return len(gone)
+
+    def _forget_unconfirmed_bans(self, network: IPNetwork | None) -> None:
+        """Drops every ban this relay made on `network` (or all) that a reload may not have
+        seen yet; call it once the database's lift has committed."""
+        for key, (ban, _) in list(self.unconfirmed_bans.items()):
+            if network is None or ban.network == network:
+                del self.unconfirmed_bans[key]
 
     def _persist_known_good(self, user: str, prefix: IPNetwork, when: float) -> None:
         async def write() -> None:
@@ -424,15 +429,17 @@ class Server:
 
         async def defense_changed(request: dict[str, Any]) -> dict[str, Any]:
             # `mailfence ban/unban/allow` wrote the database: apply it now, not within 1 s.
+            forgotten = 0
             if request.get("cleared_auto") is True:  # `bans clear --auto`: memory's too
-                self._forget_unwritten_bans(None)
+                forgotten = len(self._unwritten_bans(None, time.time()))
+                self._forget_unconfirmed_bans(None)
             await self._load_defense_state(initial=False)
             for ban in request.get("bans", []):
                 self.observer.ban_recorded(
                     str(ban.get("network")), str(ban.get("reason", "")), "manual", ban.get("until")
                 )
             self.control.publish({"event": "defense_changed", "time": time.time()})
-            return {"bans_in_force": len(self.defense.bans)}
+            return {"bans_in_force": len(self.defense.bans), "forgotten": forgotten}
 
         async def ban(request: dict[str, Any]) -> dict[str, Any]:
             # The same as `mailfence ban`, for tools that hold only the socket.
@@ -472,13 +479,14 @@ class Server:
 
         async def unban(request: dict[str, Any]) -> dict[str, Any]:
             network = _network(request.get("network"))
-            # First the bans held only here (their write failed or is still queued; a queued
-            # one is written before the lift below, which then ends it too).
-            unwritten = self._forget_unwritten_bans(network)
-            lifted = await self.writer.run(
-                lambda conn: defense_table.lift(conn, network, time.time())
-            )
-            lifted += unwritten
+            now = time.time()
+            held = self._unwritten_bans(network, now)
+            # A ban still queued for writing is written before this lift (the writer keeps
+            # order), so the lift ends it too and counts it: `held` counts only when the
+            # database found nothing.
+            lifted = await self.writer.run(lambda conn: defense_table.lift(conn, network, now))
+            self._forget_unconfirmed_bans(network)  # after the lift: a failed one keeps them
+            lifted = lifted or len(held)
             if not lifted:
                 raise ValueError(f"no ban in force on exactly {network}")
             await self._load_defense_state(initial=False)

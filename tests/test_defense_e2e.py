@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mailfence.auth import RETRY_TICKET_MIN_AGE
+from mailfence.observe import control
 from mailfence.smtp import replies
 from mailfence.testing import RunningRelay, Sink, client_tls_context
 
@@ -187,8 +188,36 @@ def test_a_ban_the_database_refused_can_still_be_lifted(
     with bans_cannot_be_written(relay):
         assert guess(relay, "127.98.0.5", "admin", "admin") == 454
         assert banner(relay, "127.98.0.5").startswith(b"421 ")
-    assert cli(relay, tmp_path, "bans", "clear", "--auto").returncode == 0
+    result = cli(relay, tmp_path, "bans", "clear", "--auto")
+    assert result.returncode == 0, result.stderr
+    assert "lifted 1 automatic ban(s)" in result.stdout  # the one held only in memory
     assert banner(relay, "127.98.0.5").startswith(b"220 ")
+
+
+def test_unban_does_not_claim_an_unwritten_ban_that_has_expired(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """An unwritten ban that ran out is no ban: `unban` says so and exits 1, as it does for
+    an expired row, instead of claiming to have lifted it."""
+    relay = start_relay(defense={"ban_time": 1.0})
+    with bans_cannot_be_written(relay):
+        assert guess(relay, "127.98.0.6", "admin", "admin") == 454
+        assert banner(relay, "127.98.0.6").startswith(b"421 ")
+        time.sleep(1.5)
+        assert banner(relay, "127.98.0.6").startswith(b"220 ")  # ran out
+        result = cli(relay, tmp_path, "unban", "127.98.0.6")
+    assert result.returncode == 1, result.stdout
+    assert "no ban in force on exactly 127.98.0.6/32" in result.stderr
+
+
+def test_control_unban_counts_a_fresh_ban_once(relay: RunningRelay, tmp_path: Path) -> None:
+    """A ban the relay just made is both queued for the database and held in memory; lifting
+    it through the control socket lifts one ban, not two."""
+    assert guess(relay, "127.98.0.7", "admin", "admin") == 454
+    answer = control.request(relay.config.control_socket, "unban", {"network": "127.98.0.7"})
+    assert answer == {"ok": True, "network": "127.98.0.7/32", "lifted": 1}
+    assert banner(relay, "127.98.0.7").startswith(b"220 ")
+    assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
 
 
 def test_session_auth_budget_closes_with_421(relay: RunningRelay) -> None:

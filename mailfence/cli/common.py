@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -91,7 +91,13 @@ def ask_server(config: Config, command: str, **arguments: object) -> dict[str, o
 
 def tell_server(config: Config, command: str, **arguments: object) -> bool:
     """Best effort: True when a running server took the request (none running is fine)."""
+    answer = server_answer(config, command, **arguments)
+    return answer is not None and answer.get("ok") is True
+
+
+def server_answer(config: Config, command: str, **arguments: object) -> dict[str, Any] | None:
+    """The running server's answer ({"ok": ..., ...}), or None when none answers."""
     try:
-        return bool(control.request(config.control_socket, command, arguments).get("ok"))
+        return control.request(config.control_socket, command, arguments)
     except (control.NotRunning, OSError, ValueError):
-        return False
+        return None

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mailfence.cli.common import ConfigOption, database, fail, out, tell_server
+from mailfence.cli.common import ConfigOption, database, fail, out, server_answer, tell_server
 from mailfence.config import Config, parse_duration
 from mailfence.defense.bans import Ban, BanSource
 from mailfence.defense.net import IPAddress, IPNetwork, parse_ip, prefix_network
@@ -109,9 +109,12 @@ def unban(
     if not lifted:
         # Not in the database, but a running server may hold it in memory only (an
         # automatic ban whose write failed): it can lift that itself.
-        if tell_server(settings, "unban", network=str(target)):
+        answer = server_answer(settings, "unban", network=str(target))
+        if answer is not None and answer.get("ok") is True:
             out.print(f"unbanned {target} (it was held only by the running server)", markup=False)
             return
+        if answer is not None and not str(answer.get("error", "")).startswith("no ban in force"):
+            fail(f"the running server could not lift the ban on {target}: {answer.get('error')}")
         fail(f"no ban in force on exactly {target} (see 'mailfence bans'; 'mailfence explain IP')")
     applied = tell_server(settings, "defense-changed")
     out.print(f"unbanned {target}{_applied(applied)}", markup=False)
@@ -161,7 +164,10 @@ def clear(
         conn.execute("BEGIN IMMEDIATE")
         lifted = table.lift_auto(conn, time.time())
         conn.execute("COMMIT")
-    applied = tell_server(settings, "defense-changed", cleared_auto=True)
+    answer = server_answer(settings, "defense-changed", cleared_auto=True)
+    applied = answer is not None and answer.get("ok") is True
+    if applied and answer is not None:  # and those the server held only in memory
+        lifted += int(answer.get("forgotten", 0))
     out.print(f"lifted {lifted} automatic ban(s){_applied(applied)}", markup=False)
 
 
