@@ -64,3 +64,20 @@ def test_sessions_are_freed_without_the_cycle_collector(
         stranger.login(ALICE, ALICE_PASSWORD + "wrong")
     stranger.close()  # no QUIT: the socket just closes
     assert wait_until_freed([session, dropped])
+
+
+def test_a_session_dropped_during_data_is_freed(
+    start_relay: StartRelay, no_cycle_collector: None
+) -> None:
+    """A customer whose link drops in the middle of a message: the session ends there, and no
+    timer re-armed on the way out holds it (and trips over its closed transport later)."""
+    relay = start_relay()
+    client = starttls_client(relay)
+    [session] = live_sessions(relay)
+    client.mail(ALICE)
+    client.rcpt("bob@example.net")
+    client.putcmd("DATA")
+    assert client.getreply()[0] == 354
+    client.send(b"Subject: cut off\r\n\r\nhalf a mess")
+    client.close()  # no end of data, no QUIT
+    assert wait_until_freed([session])

@@ -372,4 +372,7 @@ class RelaySMTP(SMTP):
             await super().smtp_DATA(arg)
         finally:
             self.phase = "authenticated" if self.session and self.session.authenticated else "ehlo"
-            self._reset_timeout()
+            # Not when the link dropped mid-message: the timer would hold this session for a
+            # command timeout and then trip over its closed transport.
+            if self.transport is not None:
+                self._reset_timeout()
