@@ -368,7 +368,6 @@ class Server:
         changes = {name: flat[name] - self.history_base.get(name, 0) for name in flat}
         t250 = list(self.handler.totals.to_250_seconds.counts)
         t250_changes = [a - b for a, b in zip(t250, self.history_t250, strict=True)]
-        self.history_base, self.history_t250 = flat, t250
         hour = minute * 60 // 3600 * 3600
         wall = time.time()
 
@@ -377,6 +376,8 @@ class Server:
             history.prune(conn, wall)
 
         await self.writer.run(write)
+        # Only once written: after a failed write the next roll-up carries these figures too.
+        self.history_base, self.history_t250 = flat, t250
 
     def _report_status(self) -> None:
         """`systemctl status` shows this line; sent only when it changes."""

@@ -9,6 +9,7 @@ import os
 import shutil
 import smtplib
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -201,6 +202,39 @@ def test_the_relay_rolls_up_a_minute_into_history(relay: RunningRelay, sink: Sin
     relay.call(roll_up)
     wait_for(lambda: bool(done))
     assert done == [True]
+    conn = connect(relay.config.database_path)
+    rows = history.since(conn, time.time() - 3600)
+    conn.close()
+    assert sum(r["accepted"] for r in rows) == 1 and sum(r["auth_ok"] for r in rows) == 1
+
+
+def test_a_failed_roll_up_keeps_its_figures_for_the_next(relay: RunningRelay, sink: Sink) -> None:
+    """A roll-up the database refused (a real SQLite error, from a trigger) loses nothing:
+    the next roll-up writes that minute's figures with its own."""
+    send(relay, 1)
+    time.sleep(1.2)
+    server = relay.server
+    outcomes: list[BaseException | None] = []
+
+    def roll_up() -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(server._roll_up(server.history_minute))
+        task.add_done_callback(lambda t: outcomes.append(t.exception()))
+
+    with sqlite3.connect(relay.config.database_path, timeout=10) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_history BEFORE INSERT ON stats_hourly"
+            " BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END"
+        )
+    relay.call(roll_up)
+    wait_for(lambda: len(outcomes) == 1)
+    assert isinstance(outcomes[0], sqlite3.Error)
+    with sqlite3.connect(relay.config.database_path, timeout=10) as conn:
+        conn.execute("DROP TRIGGER refuse_history")
+    relay.call(roll_up)
+    wait_for(lambda: len(outcomes) == 2)
+    assert outcomes[1] is None
     conn = connect(relay.config.database_path)
     rows = history.since(conn, time.time() - 3600)
     conn.close()
