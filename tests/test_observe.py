@@ -585,3 +585,30 @@ def test_control_close_lets_a_running_command_finish(tmp_path: Path) -> None:
             await asking
 
     asyncio.run(main())
+
+
+def test_control_command_sent_after_close_is_refused(tmp_path: Path) -> None:
+    """A client that connected before the server began to stop, and sends its command after:
+    the command is not carried out (the database is about to close), and it is told why."""
+    import asyncio
+
+    carried_out: list[str] = []
+
+    async def ban(request: dict[str, Any]) -> dict[str, Any]:
+        carried_out.append(str(request.get("network")))
+        return {}
+
+    async def main() -> None:
+        path = tmp_path / "control.sock"
+        server = control.ControlServer(path, {"ban": ban})
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await asyncio.sleep(0.05)  # accepted: the server is reading its request
+        await server.close()
+        writer.write(json.dumps({"cmd": "ban", "network": "x"}).encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(reader.readline(), 5.0))
+        writer.close()
+        assert carried_out == []
+        assert answer == {"ok": False, "error": control.SHUTTING_DOWN}
+
+    asyncio.run(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_CLIENTS = 32
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with its terminating NUL
 PEERCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+SHUTTING_DOWN = "the server is shutting down; nothing was done (try again once it is back)"
 COMMAND_GRACE = 10.0  # seconds close() waits for commands still being carried out
 EVENT_QUEUE = 256  # per subscriber; a slow reader loses the oldest events, never the relay
 
@@ -47,6 +49,9 @@ class ControlServer:
         # Commands being carried out (a ban being written, say): close() lets them finish
         # before the server goes on to close the database under them.
         self._running: set[asyncio.Task[dict[str, Any]]] = set()
+        # Set by close(): a client that connected before it may still send a command, which
+        # must not start while the server closes the database under it.
+        self._closing = False
 
     async def start(self) -> None:
         path = self.path
@@ -82,6 +87,7 @@ class ControlServer:
             queue.put_nowait(event)
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -133,12 +139,19 @@ class ControlServer:
             known = ", ".join(sorted([*self.commands, "events"]))
             await _send(writer, {"ok": False, "error": f"unknown cmd {command!r}; known: {known}"})
             return
+        if self._closing:
+            await _send(writer, {"ok": False, "error": SHUTTING_DOWN})
+            return
         task = asyncio.ensure_future(handler(request))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         try:
             # Shielded: a client hanging up does not abandon a command half carried out.
             answer = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody waits for the answer now; a failure must still reach the log.
+            task.add_done_callback(functools.partial(_log_failure, command))
+            raise
         except ValueError as error:
             answer = {"ok": False, "error": str(error)}
         except Exception as error:
@@ -164,6 +177,11 @@ class ControlServer:
         finally:
             self.subscribers.discard(queue)
             gone.cancel()
+
+
+def _log_failure(command: str, task: asyncio.Task[dict[str, Any]]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("control command %r failed", command, exc_info=error)
 
 
 def _peer_is_trusted(writer: asyncio.StreamWriter) -> bool:
