@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import smtplib
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,81 @@ def test_sigkill_after_250_loses_nothing(serve_process: Callable[..., ServeProce
     }
     missing = set(answered) - delivered
     assert not missing, f"{len(missing)} answered messages were lost"
+
+
+def _limit_file_size(pid: int, limit: int) -> None:
+    """RLIMIT_FSIZE on the server and its delivery process: a write that would grow a file
+    past `limit` bytes fails (EFBIG; Python ignores SIGXFSZ), as on a disk that is full."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for process in [pid, *map(int, children)]:
+        resource.prlimit(process, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_is_refused_with_4xx_and_loses_nothing(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """The disk fills while customers send: each message is answered 250 only if it is on
+    disk, the others get a 4xx (so their servers retry), the relay stays up, and once there
+    is room again it takes mail and delivers every message it answered 250, without a
+    restart."""
+    upstream_port = free_port()  # the upstream is down: the spool only grows
+    relay = serve_process(upstream_port)
+    added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    relay.start()
+    assert relay.process is not None
+    state = relay.directory / "state"
+    largest = max(path.stat().st_size for path in state.glob("mailfence.sqlite3*"))
+    _limit_file_size(relay.process.pid, largest + 2 * 1024 * 1024)
+
+    body = b"x" * 76 + b"\r\n"
+    answered: list[str] = []
+    refusals: list[int] = []
+    client = smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=20)
+    client.starttls(context=client_tls_context())
+    client.login(ALICE, ALICE_PASSWORD)
+    for n in range(200):  # bounded: 200 x 64 KiB is far beyond the 2 MiB of room
+        client.mail(ALICE)
+        client.rcpt("bob@example.org")
+        code, text = client.data(b"Subject: full-%d\r\n\r\n" % n + body * 820)
+        if code == 250:
+            answered.append(text.decode().rsplit(" ", 1)[1])
+            continue
+        refusals.append(code)
+        if len(refusals) == 3:
+            break
+        client.rset()
+    assert answered, "the first messages fit and were answered 250"
+    assert refusals == [451, 451, 451], refusals  # temporary: the sender retries
+    assert relay.process.poll() is None  # still serving
+    # The operator's first question, answered: degraded, and why.
+    for _ in range(50):  # bounded: health is reassessed once a second
+        status = relay.cli("status")
+        if status.returncode == 1:
+            break
+        time.sleep(0.1)
+    assert status.returncode == 1, status.stdout
+    assert "the spool cannot be written" in status.stdout and "451" in status.stdout
+
+    _limit_file_size(relay.process.pid, resource.RLIM_INFINITY)  # room again
+    client.rset()
+    client.mail(ALICE)
+    client.rcpt("bob@example.org")
+    code, text = client.data(b"Subject: after\r\n\r\nthere is room again\r\n")
+    assert code == 250, text
+    answered.append(text.decode().rsplit(" ", 1)[1])
+    client.quit()
+
+    with Sink(port=upstream_port) as sink:
+        deadline = time.monotonic() + 60
+        delivered: set[str] = set()
+        while time.monotonic() < deadline and not set(answered) <= delivered:
+            time.sleep(0.2)
+            delivered = {
+                m.group(1).decode()
+                for r in list(sink.messages)
+                for m in [re.search(rb" id (\S+)", r.content)]
+                if m
+            }
+    missing = set(answered) - delivered
+    assert not missing, f"{len(missing)} of {len(answered)} answered messages were lost"

@@ -85,6 +85,7 @@ class Totals:
     to_250_seconds: Histogram = field(default_factory=Histogram)
     failures_by_source: Counter[str] = field(default_factory=Counter)
     failures_by_user: Counter[str] = field(default_factory=Counter)
+    last_spool_error: str = ""  # why the last message could not be written to the spool
 
     def auth_outcome(self, outcome: str, lane: str) -> None:
         self.auth[(outcome, lane)] += 1

@@ -34,6 +34,8 @@ class HealthFigures:
     delivered_5m: int
     deferred_5m: int
     delivery_restarted_5m: bool
+    spool_failed_5m: int = 0  # messages refused with 451: the spool could not be written
+    last_spool_error: str = ""
 
 
 def assess(figures: HealthFigures) -> Health:
@@ -51,6 +53,11 @@ def assess(figures: HealthFigures) -> Health:
     if figures.deferred_5m > 0 and figures.delivered_5m == 0 and figures.spool_size > 0:
         problems.append(
             f"delivery failing: {figures.deferred_5m} deferred, none delivered in 5 min"
+        )
+    if figures.spool_failed_5m > 0:
+        problems.append(
+            f"the spool cannot be written ({figures.last_spool_error}): "
+            f"{figures.spool_failed_5m} message(s) refused with 451 in 5 min; is the disk full?"
         )
     if figures.delivery_restarted_5m:
         problems.append("the delivery process restarted in the last 5 min")

@@ -41,6 +41,7 @@ SERIES = (
     "deferred",
     "bounced",
     "bans",
+    "spool_failed",
 )
 
 
@@ -101,6 +102,7 @@ class Observer:
             "deferred": self.delivery.deferred,
             "bounced": self.delivery.bounced,
             "bans": counters.bans_made,
+            "spool_failed": self.totals.messages["spool_failed"],
         }
 
     def tick(self, now: float) -> None:
@@ -137,6 +139,8 @@ class Observer:
             deferred_5m=self.ring.total("deferred", second, 300),
             delivery_restarted_5m=self._restart_seen_at is not None
             and now - self._restart_seen_at < 300,
+            spool_failed_5m=self.ring.total("spool_failed", second, 300),
+            last_spool_error=self.totals.last_spool_error,
         )
 
     def _export(self, flat: dict[str, int]) -> dict[str, Any]:
@@ -150,6 +154,7 @@ class Observer:
             "messages": {
                 "accepted": flat["accepted"],
                 "rejected": self.totals.messages["rejected"],
+                "spool_failed": flat["spool_failed"],
                 "delivered": flat["delivered"],
                 "deferred": flat["deferred"],
                 "bounced": flat["bounced"],

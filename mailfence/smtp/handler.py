@@ -366,8 +366,12 @@ class RelayHandler:
         except SpoolFull:
             log.warning("spool full (%d messages): refusing with 452", self.spool.size)
             return replies.SPOOL_FULL
-        except Exception:
+        except Exception as error:
+            # A full or failing disk: the sender is told 451 and retries; `mailfence status`
+            # says so (degraded) for five minutes after the last one.
             log.exception("spool write failed; the client is told to retry")
+            self.totals.messages["spool_failed"] += 1
+            self.totals.last_spool_error = str(error) or type(error).__name__
             return replies.SPOOL_FAILED
         log.info(
             "queued id=%s user=%r from=%r rcpts=%d size=%d",
