@@ -13,7 +13,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -195,6 +195,74 @@ class Config:
     def control_socket(self) -> Path:
         path = Path(self.control.socket)
         return path if path.is_absolute() else self.state_dir / path
+
+
+# What a reload (SIGHUP, `systemctl reload mailfence`) applies to a running relay: these
+# settings, and the sections below but for RESTART_ONLY. Every other setting keeps its
+# running value until a restart, and the reload's log line names each one that changed (see
+# `needs_restart`). Relay settings apply by restarting delivery (it finishes its current
+# messages first); the certificate files are read again always.
+LIVE_SETTINGS = frozenset(
+    {
+        "tls.cert",
+        "tls.key",
+        "smtp.hostname",
+        "smtp.max_connections",
+        "smtp.command_timeout",
+        "smtp.data_timeout",
+        "smtp.tls_handshake_timeout",
+        "smtp.shutdown_timeout",
+        "smtp.bare_newline",
+        "auth.plaintext_networks",
+        "auth.failure_reply",
+        "health.known_wait_degraded",
+        "health.spool_degraded",
+        "log.level",
+    }
+)
+LIVE_SECTIONS = frozenset({"relay", "defense"})
+# Within those sections: what shapes state built at start (windows, buckets, prefix keys).
+RESTART_ONLY = frozenset(
+    {
+        "relay.delivery_process",
+        "defense.connection_rate_window",
+        "defense.failure_window",
+        "defense.unknown_connections_per_second",
+        "defense.ipv4_prefix",
+        "defense.ipv6_prefix",
+        "defense.negative_cache_ttl",
+        "defense.known_good_window",
+    }
+)
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The settings whose values differ, as "section.key" (or "listen", "state_dir")."""
+    changed = []
+    for top in fields(Config):
+        if top.name == "source":
+            continue
+        before, after = getattr(old, top.name), getattr(new, top.name)
+        if before == after:
+            continue
+        if is_dataclass(before) and is_dataclass(after):
+            changed += [
+                f"{top.name}.{item.name}"
+                for item in fields(before)
+                if getattr(before, item.name) != getattr(after, item.name)
+            ]
+        else:
+            changed.append(top.name)
+    return changed
+
+
+def needs_restart(changed: list[str]) -> list[str]:
+    return [
+        name
+        for name in changed
+        if name in RESTART_ONLY
+        or (name not in LIVE_SETTINGS and name.partition(".")[0] not in LIVE_SECTIONS)
+    ]
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

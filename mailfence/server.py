@@ -7,6 +7,7 @@ Shaped like uvicorn's `Server`: `run()` → `serve()` → `startup()` → `main_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import ipaddress
 import itertools
@@ -39,7 +40,7 @@ from mailfence.delivery.worker import Delivery
 from mailfence.observe import control as control_socket
 from mailfence.observe.health import Health
 from mailfence.observe.live import Observer
-from mailfence.observe.logs import FloodLimiter
+from mailfence.observe.logs import LEVELS, FloodLimiter
 from mailfence.observe.metrics import MetricsServer
 from mailfence.observe.webhooks import Webhooks
 from mailfence.smtp import replies
@@ -213,6 +214,7 @@ class Server:
             raise StartupError(str(error)) from None
         self.ports = self.listeners.bound_ports()
         self.delivery_process: DeliveryProcess | None = None
+        self.delivery_replacement: asyncio.Task[None] | None = None
         if config.relay.delivery_process:
             self.delivery_process = DeliveryProcess(config)
             self.spool.on_arrival = self.delivery_process.nudge
@@ -646,12 +648,31 @@ class Server:
             except ConfigError as error:
                 log.error("reload refused, keeping the running configuration: %s", error)
                 return
-            if new.listen != self.config.listen or new.state_dir != self.config.state_dir:
-                log.warning("listen and state_dir changes take effect only after a restart")
-            self.config = new
-            self.handler.config = new
-            self.listeners.config = new
-            self.delivery.config = new
+            changed = config_module.changed_settings(self.config, new)
+            if any(name.startswith("relay.") for name in changed) or "log.level" in changed:
+                try:
+                    replacement = Delivery(new, self.spool)  # checks what it reads, too
+                except OSError as error:
+                    log.error(
+                        "reload refused, keeping the running configuration: %s: "
+                        "relay.upstream_password_file: cannot be read (%s)",
+                        new.source,
+                        error.strerror or error,
+                    )
+                    return
+                self._replace_delivery(new, replacement)
+            self._apply_config(new)
+            if "defense.allowlist" in changed:  # joined with the database's allowlist there
+                await self._load_defense_state(initial=False)
+            waiting = config_module.needs_restart(changed)
+            applied = [name for name in changed if name not in waiting]
+            if applied:
+                log.info("reload applied: %s", ", ".join(applied))
+            if waiting:
+                log.warning(
+                    "reload: %s changed; the running values stay until a restart",
+                    ", ".join(waiting),
+                )
         try:
             cert, key = self._certificate_paths()
             # Loading into the live context changes the certificate for new handshakes.
@@ -659,6 +680,44 @@ class Server:
         except (OSError, ssl.SSLError) as error:
             log.error("reload kept the old certificate: %s", error)
         log.info("reloaded: %d users", len(self.accounts.users))
+
+    def _apply_config(self, new: Config) -> None:
+        """The settings in config.LIVE_SETTINGS that are read where they are used."""
+        self.config = new
+        self.handler.config = new
+        self.listeners.config = new  # and through it, every new session
+        self.observer.config = new
+        logging.getLogger("mailfence").setLevel(LEVELS[new.log.level.lower()])
+        # The defense's thresholds are read where they are used; what shaped its windows and
+        # buckets at start stays as it was (config.RESTART_ONLY).
+        fixed = {
+            name.partition(".")[2]: getattr(self.defense.config, name.partition(".")[2])
+            for name in config_module.RESTART_ONLY
+            if name.startswith("defense.")
+        }
+        self.defense.config = dataclasses.replace(new.defense, **fixed)
+
+    def _replace_delivery(self, new: Config, replacement: Delivery) -> None:
+        """Delivery with the new relay settings, in the background: the old delivery
+        finishes its current messages first, and housekeeping goes on meanwhile."""
+        previous = self.delivery_replacement
+
+        async def replace() -> None:
+            if previous is not None:
+                await previous  # one reload after the other
+            timeout = new.smtp.shutdown_timeout
+            if self.delivery_process is not None:
+                await self.delivery_process.replace(new, timeout)
+                self.delivery = replacement  # the parent's own stays idle
+            else:
+                old = self.delivery
+                replacement.counters = old.counters  # the figures carry on, not from zero
+                await old.stop(timeout)
+                self.delivery = replacement
+                replacement.start()
+            log.info("delivery restarted with the new relay settings")
+
+        self.delivery_replacement = asyncio.get_running_loop().create_task(replace())
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -682,6 +741,8 @@ class Server:
             session.close_with(replies.SHUTTING_DOWN)
         await self.listeners.close()
         # 4. Delivery workers finish their current message.
+        if self.delivery_replacement is not None:  # a reload's restart of delivery
+            await asyncio.wait([self.delivery_replacement])
         remaining = max(1.0, deadline - time.monotonic())
         if self.delivery_process is not None:
             await asyncio.to_thread(self.delivery_process.stop, remaining)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -170,3 +171,33 @@ def test_the_database_is_private(tmp_path: Path) -> None:
     conn.close()
     mode = (tmp_path / "state" / "mailfence.sqlite3").stat().st_mode
     assert stat.S_IMODE(mode) == 0o600
+
+
+def test_a_reload_names_the_settings_it_cannot_apply() -> None:
+    """SIGHUP applies what is read where it is used; the rest is named, never dropped."""
+    old = config.Config()
+    new = dataclasses.replace(
+        old,
+        smtp=dataclasses.replace(old.smtp, data_timeout=60.0),
+        relay=dataclasses.replace(old.relay, upstream="smtp://10.0.0.1:25", delivery_process=False),
+        defense=dataclasses.replace(old.defense, mode="monitor", failure_window=60.0),
+        auth=dataclasses.replace(old.auth, verify_threads=4),
+        state_dir=Path("/elsewhere"),
+    )
+    changed = config.changed_settings(old, new)
+    assert sorted(changed) == [
+        "auth.verify_threads",
+        "defense.failure_window",
+        "defense.mode",
+        "relay.delivery_process",
+        "relay.upstream",
+        "smtp.data_timeout",
+        "state_dir",
+    ]
+    assert sorted(config.needs_restart(changed)) == [
+        "auth.verify_threads",
+        "defense.failure_window",
+        "relay.delivery_process",
+        "state_dir",
+    ]
+    assert config.changed_settings(old, dataclasses.replace(old)) == []

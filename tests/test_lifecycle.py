@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from mailfence.smtp import replies
-from mailfence.testing import Sink, client_tls_context
+from mailfence.testing import Sink, client_tls_context, free_port
 
 from .conftest import ALICE, ALICE_PASSWORD, ServeProcess
 
@@ -95,6 +96,58 @@ def test_sighup_reloads_users(running: ServeProcess) -> None:
     assert client.login("new@example.com", "pw")[0] == 235
     client.quit()
     assert "reloaded" in running.log.read_text()
+
+
+@pytest.mark.parametrize("in_a_child", [True, False], ids=["child", "in-process"])
+def test_sighup_applies_a_new_upstream_and_names_what_waits_for_a_restart(
+    serve_process: Callable[..., ServeProcess], in_a_child: bool
+) -> None:
+    """The operator points the relay at a new upstream and reloads: mail queued for the old,
+    unreachable one goes to the new one, without a restart. A setting a reload cannot apply
+    is named in the log, not silently ignored."""
+    # The first upstream never answers. (Delivery runs in a child process by default.)
+    relay = serve_process(free_port(), f"delivery_process = {str(in_a_child).lower()}")
+    added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    relay.start()
+    client = logged_in(relay.starttls_port)
+    client.sendmail(ALICE, ["bob@example.org"], b"Subject: waiting\r\n\r\nfor a new upstream\r\n")
+    client.quit()
+    with Sink() as sink:
+        text = relay.config_path.read_text()
+        text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
+        relay.config_path.write_text(text + "\n[spool]\nmax_messages = 5000\n")
+        relay.signal(signal.SIGHUP)
+        [received] = sink.wait_for(1, timeout=30)
+    assert b"for a new upstream" in received.content
+    log = relay.log.read_text()
+    assert "reload applied: relay.upstream" in log
+    assert "reload: spool.max_messages changed; the running values stay until a restart" in log
+    assert "delivery restarted with the new relay settings" in log
+
+
+def test_sighup_switches_the_defense_to_monitor_mode(running: ServeProcess) -> None:
+    """docs/operations.md: to try stricter thresholds without risk, set monitor mode and
+    reload. After the reload a honeypot name (which bans the source when enforced) bans
+    nothing."""
+    running.config_path.write_text(
+        running.config_path.read_text() + '\n[defense]\nmode = "monitor"\n'
+    )
+    running.signal(signal.SIGHUP)
+    for _ in range(100):  # bounded: 10 s
+        if "reload applied: defense.mode" in running.log.read_text():
+            break
+        time.sleep(0.1)
+    assert "reload applied: defense.mode" in running.log.read_text()
+    client = smtplib.SMTP("127.0.0.1", running.starttls_port, timeout=20)
+    client.starttls(context=client_tls_context())
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login("admin", "admin")
+    client.close()
+    client = smtplib.SMTP("127.0.0.1", running.starttls_port, timeout=20)
+    assert client.noop()[0] == 250  # greeted and served: not banned
+    client.quit()
+    assert "monitor: would ban 127.0.0.1" in running.log.read_text()
 
 
 def test_port_in_use_is_a_startup_failure(serve_process: Callable[..., ServeProcess]) -> None:

@@ -40,6 +40,7 @@ class DeliveryProcess:
         self._nudge: socket.socket | None = None
         self._nudge_pending = False
         self.restarts = 0
+        self._replacing = False  # a reload is swapping the child: check() leaves it alone
         # What the child reports once a second (cumulative for that child), and the sums of
         # the children that came before it.
         self._reported: dict[str, int] = {}
@@ -104,6 +105,8 @@ class DeliveryProcess:
 
     def check(self) -> None:
         """Called every second: a child that died is logged and started again."""
+        if self._replacing:
+            return
         if self._process is not None and not self._process.is_alive():
             log.error(
                 "delivery process exited (code %s); starting it again", self._process.exitcode
@@ -112,6 +115,18 @@ class DeliveryProcess:
             self._on_report()  # its last counts, if it sent them before dying
             self._close_nudge()
             self.start()
+
+    async def replace(self, config: Config, grace: float) -> None:
+        """Reload: the child finishes its current messages and exits (within `grace` seconds), and
+        one with `config` starts. Mail keeps arriving meanwhile; the new child finds it."""
+        self._replacing = True
+        try:
+            await asyncio.to_thread(self.stop, grace)
+            self.close()
+            self.config = config
+            self.start()
+        finally:
+            self._replacing = False
 
     def stop(self, deadline: float) -> None:
         """Blocking (run it on a thread): the child finishes its current messages and exits."""
