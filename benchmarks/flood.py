@@ -93,7 +93,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import math
 import multiprocessing
 import os
 import random
@@ -107,12 +106,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvloop
+from common import (
+    client_tls_context,
+    cpu_between,
+    cpu_seconds,
+    free_port,
+    percentile,
+    stopping,
+    tree_cpu,
+    verdict,
+    wait_for_port,
+)
 
 HOST = "127.0.0.1"
 RECIPIENT = "sink@example.net"
@@ -150,69 +159,6 @@ def customer_source(index: int) -> str:
 
 
 # --- small helpers --------------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest rank: the smallest value with at least `fraction` of them at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)] if ordered else 0.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, deadline: float, alive: subprocess.Popen[bytes]) -> None:
-    while time.monotonic() < deadline:
-        if alive.poll() is not None:
-            raise RuntimeError(f"{alive.args!r} exited with {alive.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {READY_TIMEOUT:.0f} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc/<pid>/task/*/children (bounded)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo and len(found) < 1000:
-        current = todo.pop()
-        found.append(current)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    todo.extend(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
-def tree_cpu(pid: int) -> dict[int, float]:
-    return {p: cpu_seconds(p) for p in descendants(pid)}
-
-
-def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
-    # A process that appeared in between counts from zero; one that ended is lost (the
-    # relay's delivery child lives for the whole run).
-    return sum(value - before.get(p, 0.0) for p, value in after.items())
-
-
-def client_tls_context() -> ssl.SSLContext:
-    """One context per process, not verifying (self-signed relay): no CA loading per connect."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def auth_plain(user: str, password: str) -> bytes:
@@ -989,15 +935,6 @@ def run_mode(
     )
 
 
-@contextlib.contextmanager
-def stopping(*things: Sink | Relay) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for thing in things:
-            thing.stop()
-
-
 # --- the report -----------------------------------------------------------------------------
 
 
@@ -1008,10 +945,6 @@ def ms3(values: list[float]) -> str:
         f"{percentile(values, 0.5) * 1000:6.1f} {percentile(values, 0.99) * 1000:6.1f}"
         f" {max(values) * 1000:6.1f}"
     )
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
 
 
 MODE_DESCRIPTION = {

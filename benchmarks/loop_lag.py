@@ -26,16 +26,12 @@ import time
 from pathlib import Path
 
 import aiosmtplib
+from common import percentile
 
 from mailfence.config import AuthConfig, DefenseConfig
 from mailfence.testing import RunningRelay, add_user, relay_config
 
 PROBE_INTERVAL = 0.005
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
 async def probe(seconds: float) -> list[float]:

@@ -46,14 +46,12 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -61,6 +59,15 @@ from typing import Any
 
 import aiosmtplib
 import uvloop
+from common import (
+    client_tls_context,
+    cpu_seconds,
+    free_port,
+    percentile,
+    stopping,
+    verdict,
+    wait_for_port,
+)
 
 HOST = "127.0.0.1"
 USER = "bench@example.com"
@@ -80,27 +87,6 @@ POLL_INTERVAL = 0.02
 # --- small helpers --------------------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, deadline: float, alive: subprocess.Popen[bytes]) -> None:
-    while time.monotonic() < deadline:
-        if alive.poll() is not None:
-            raise RuntimeError(f"{alive.args!r} exited with {alive.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {READY_TIMEOUT:.0f} s")
-
-
 def build_message(size: int) -> bytes:
     """A message of exactly `size` bytes (headers included), in CRLF lines of at most 79."""
     header = (
@@ -117,15 +103,6 @@ def build_message(size: int) -> bytes:
     message = header + b"".join(lines)
     assert len(message) == size
     return message
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the client side: runs in --processes child processes -----------------------------------
@@ -170,18 +147,6 @@ async def log_in(smtp: aiosmtplib.SMTP, relay: bool) -> None:
     response = await smtp.execute_command(b"AUTH", b"PLAIN", blob)
     if not 200 <= response.code < 300:
         raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
-
-
-def client_tls_context() -> ssl.SSLContext:
-    """One context for all of a process's connections, not verifying (self-signed relay).
-
-    Without it aiosmtplib builds a default context, loading the system CA store, for every
-    connection: about 20 ms of client CPU each time, which would be measured as the relay's.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def client(
@@ -554,10 +519,6 @@ def ms(values: list[float]) -> str:
     )
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
 def report(
     args: argparse.Namespace,
     ceiling: LoadResult | None,
@@ -661,15 +622,6 @@ def report(
 
 
 # --- main -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stopping(*things: Sink | Relay) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for thing in things:
-            thing.stop()
 
 
 def main() -> None:

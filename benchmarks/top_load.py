@@ -27,16 +27,11 @@ import time
 from pathlib import Path
 
 import uvloop
+from common import free_port
 
 from mailfence.observe import control
 
 PROBE_INTERVAL = 0.02
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
