@@ -704,6 +704,7 @@ class Relay:
             "Traceback": "tracebacks",
             "mailfence.smtp: banned ": "bans",
             "under-attack mode": "under-attack changes",
+            " slow commit: ": "slow commits",
         }
         counts: dict[str, int] = {}
         for line in self.log.read_text("utf-8", "replace").splitlines():
@@ -711,6 +712,11 @@ class Relay:
                 if key in line:
                     counts[name] = counts.get(name, 0) + 1
         return counts
+
+    def slow_commits(self) -> list[str]:
+        """The writer's own account of its slow commits (where the time went), with times."""
+        lines = self.log.read_text("utf-8", "replace").splitlines()
+        return [line for line in lines if " slow commit: " in line][:5]
 
     def stop(self) -> int | None:
         started = time.monotonic()
@@ -805,6 +811,7 @@ class ModeResult:
     floor_bots: BotSummary
     null_door_cpu: float  # in the floor phase
     log: dict[str, int]
+    slow_commits: list[str]
     exit_code: int | None
 
     def phase_of(self, when: float) -> int:
@@ -931,6 +938,7 @@ def run_mode(
         floor_bots=BotSummary.merge([part[1] for part in bot_parts]),
         null_door_cpu=null_samples[4] - null_samples[3],
         log=relay.log_summary(),
+        slow_commits=relay.slow_commits(),
         exit_code=relay.process.returncode,
     )
 
@@ -1044,6 +1052,8 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
         f" {result.bot_cpu / flood_seconds * 100:.0f}% of one core (nice {args.bot_nice})"
     )
     print(f"  relay log: {result.log or 'nothing notable'}; SIGTERM -> exit {result.exit_code}")
+    for line in result.slow_commits:
+        print(f"    {line}")
     floor_seconds = result.duration(3)
     floor_bots = result.floor_bots
     print(

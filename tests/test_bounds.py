@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import logging
+import re
 import select
 import smtplib
 import socket
@@ -170,6 +172,31 @@ def test_writer_queue_is_bounded_and_loses_nothing(tmp_path: Path) -> None:
     assert asyncio.run(main()) == list(range(10))
     writer.close()
     conn.close()
+
+
+def test_a_slow_commit_is_logged_with_where_the_time_went(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every client in a batch waits for its commit: one slower than 100 ms says so, split
+    into the wait for the lock, the jobs and the COMMIT with its fsync."""
+    conn = open_database(tmp_path)
+    writer = Writer(conn)
+
+    def slow(c: sqlite3.Connection) -> None:
+        time.sleep(0.15)  # the jobs' share
+
+    async def main() -> None:
+        await writer.run(slow)
+        await writer.run(lambda c: None)  # a fast one: not logged
+
+    with caplog.at_level(logging.WARNING, logger="mailfence.store"):
+        asyncio.run(main())
+    writer.close()
+    conn.close()
+    [record] = [r for r in caplog.records if "slow commit" in r.getMessage()]
+    assert "for 1 job(s)" in record.getMessage()
+    running = re.search(r"running them (\d+) ms", record.getMessage())
+    assert running is not None and int(running.group(1)) >= 150, record.getMessage()
 
 
 def test_the_wal_is_checkpointed_on_a_timer_not_by_commits(

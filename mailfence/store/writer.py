@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("mailfence.store")
 
 MAX_BATCH = 256
+SLOW_COMMIT = 0.1  # seconds; a commit this slow is logged
 LOCK_WAIT = 10.0
 
 
@@ -102,8 +105,11 @@ class Writer:
 
     def _commit(self, batch: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
+        started = time.perf_counter()
+        began = ran = started
         try:
             self._begin()
+            began = time.perf_counter()
             for job in batch:
                 # A savepoint per job: one failing job is rolled back alone and the rest of
                 # the batch still commits.
@@ -116,7 +122,9 @@ class Writer:
                     self._conn.execute("ROLLBACK TO job")
                     self._conn.execute("RELEASE job")
                     results.append((job, False, error))
+            ran = time.perf_counter()
             self._conn.execute("COMMIT")
+            _report_slow(started, began, ran, len(batch))
         except Exception as error:  # the commit itself failed: nobody's write is durable
             with contextlib.suppress(Exception):  # a failing ROLLBACK must not kill the thread
                 if self._conn.in_transaction:
@@ -126,6 +134,22 @@ class Writer:
             # RuntimeError: that caller's loop has closed; the write stands regardless.
             with contextlib.suppress(RuntimeError):
                 job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+
+
+def _report_slow(started: float, began: float, ran: float, jobs: int) -> None:
+    """Every client waiting for a 250 in this batch waited this long: a slow disk or a
+    long lock shows in the log with where the time went."""
+    done = time.perf_counter()
+    if done - started >= SLOW_COMMIT:
+        log.warning(
+            "slow commit: %.0f ms for %d job(s) (waiting for the write lock %.0f ms, "
+            "running them %.0f ms, COMMIT and fsync %.0f ms)",
+            (done - started) * 1000,
+            jobs,
+            (began - started) * 1000,
+            (ran - began) * 1000,
+            (done - ran) * 1000,
+        )
 
 
 def _is_locked(error: sqlite3.OperationalError) -> bool:
