@@ -220,6 +220,31 @@ def test_control_unban_counts_a_fresh_ban_once(relay: RunningRelay, tmp_path: Pa
     assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
 
 
+def test_the_relays_own_bans_do_not_reload_the_ban_list(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """A ban the relay made is in its memory already: writing it must not make housekeeping
+    reload every ban (under a flood that was once a second, on the event loop). A CLI ban is
+    still applied within a second."""
+    loads = relay.server.defense_loads
+    assert guess(relay, "127.97.0.1", "admin", "admin") == 454  # honeypot: banned
+    for _ in range(50):  # bounded: the write is in the background, 5 s at most
+        if json.loads(cli(relay, tmp_path, "bans", "--json").stdout):
+            break
+        time.sleep(0.1)
+    time.sleep(2.5)  # two housekeeping rounds and more
+    assert relay.server.defense_loads == loads
+    assert banner(relay, "127.97.0.1").startswith(b"421 ")
+    with sqlite3.connect(relay.config.database_path, timeout=10) as conn:  # as another
+        conn.execute(  # process would (not through the relay): found by the signature
+            "INSERT INTO bans (network, until, reason, evidence, source, level, created)"
+            " VALUES ('127.97.0.2/32', NULL, 'test', '{}', 'manual', 1, 0)"
+        )
+    time.sleep(1.5)
+    assert relay.server.defense_loads == loads + 1
+    assert banner(relay, "127.97.0.2") == replies.BANNED_PERMANENTLY.encode() + b"\r\n"
+
+
 def test_session_auth_budget_closes_with_421(relay: RunningRelay) -> None:
     client = session(relay, "127.55.0.1")
     assert [auth(client, "nobody@example.com", f"p{n}") for n in range(3)] == [454] * 3
