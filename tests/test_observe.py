@@ -612,3 +612,50 @@ def test_control_command_sent_after_close_is_refused(tmp_path: Path) -> None:
         assert answer == {"ok": False, "error": control.SHUTTING_DOWN}
 
     asyncio.run(main())
+
+
+def test_control_command_abandoned_by_shutdown_still_logs_its_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request's task is cancelled (the server is stopping) while its command goes on,
+    shielded; when the command then fails, nobody reads its answer, so the log must say so."""
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def failing_ban(request: dict[str, Any]) -> dict[str, Any]:
+        await release.wait()
+        raise RuntimeError("disk I/O error")
+
+    async def main() -> None:
+        path = tmp_path / "control.sock"
+        server = control.ControlServer(path, {"ban": failing_ban})
+        await server.start()
+        _reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(json.dumps({"cmd": "ban", "network": "x"}).encode() + b"\n")
+        for _ in range(100):  # bounded: until the command is under way (1 s at most)
+            if server._running:
+                break
+            await asyncio.sleep(0.01)
+        command = next(iter(server._running))
+        requests = [
+            task
+            for task in asyncio.all_tasks()
+            if task is not asyncio.current_task() and task is not command
+        ]
+        assert requests, "the request's own task should be running"
+        for task in requests:
+            task.cancel()
+        await asyncio.sleep(0.05)
+        assert not command.done()  # shielded: cancelling the request left the command going
+        release.set()
+        await asyncio.sleep(0.05)
+        assert command.done()
+        writer.close()
+        await server.close()
+
+    with caplog.at_level("ERROR", logger="mailfence.control"):
+        asyncio.run(main())
+    failures = [r for r in caplog.records if "control command 'ban' failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None and "disk I/O error" in str(failures[0].exc_info[1])
