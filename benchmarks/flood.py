@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
         [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
-        [--bot-processes 2] [--bot-nice 10] [--bot-cpus 1]
+        [--bot-processes 2] [--bot-nice 10]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
@@ -81,9 +81,7 @@ phase it is the second largest, with 50 it would be the max):
 
 The bots run with --bot-nice (default 10) so that on this 2-core machine, where they share the
 CPUs with the relay, they take what the relay leaves rather than half of it: real bots run on
-other machines. Their CPU is reported. --bot-cpus confines them further, to the CPUs given: a
-diagnostic, for what the relay does when the bots cannot take its core (the goals are measured
-without it).
+other machines. Their CPU is reported.
 
 Everything binds to and connects to 127.x addresses (Linux routes 127.0.0.0/8 to lo); every
 loop is bounded in time and count.
@@ -556,7 +554,6 @@ def bot_process(
     processes: int,
     count: int,
     nice: int,
-    cpus: set[int] | None,
     sampler_rate: float,
     ready: multiprocessing.Queue[str],
     start_queue: multiprocessing.Queue[list[tuple[float, float, int]]],
@@ -567,8 +564,6 @@ def bot_process(
     It runs once per window (start, end, port) it is given, and reports one result each."""
     if nice:
         os.nice(nice)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
     plan = BotPlan(mode, index, processes)
     ready.put("ready")
     parts: list[dict[str, Any]] = []
@@ -870,7 +865,7 @@ def run_mode(
             context.Process(
                 target=bot_process,
                 args=(
-                    *(mode, i, args.bot_processes, count, args.bot_nice, args.bot_cpus, 0.0),
+                    *(mode, i, args.bot_processes, count, args.bot_nice, 0.0),
                     *(ready, bot_start, bot_results),
                 ),
                 daemon=True,
@@ -879,7 +874,7 @@ def run_mode(
         ]
         sampler_proc = context.Process(
             target=bot_process,
-            args=(mode, 0, 1, 0, 0, None, SAMPLER_RATE, ready, sampler_start, sampler_results),
+            args=(mode, 0, 1, 0, 0, SAMPLER_RATE, ready, sampler_start, sampler_results),
             daemon=True,
         )
         processes = [customers_proc, sampler_proc, *bot_procs]
@@ -1054,8 +1049,7 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
         f" ({result.cpu[1] / flood_seconds * 100:.0f}% of one core)"
         f" = {per_thousand:.0f} ms per 1,000 refused bot attempts"
         f" ({net_per_thousand:.0f} ms net of the baseline rate); bot processes"
-        f" {result.bot_cpu / flood_seconds * 100:.0f}% of one core (nice {args.bot_nice}"
-        f"{', CPUs ' + ','.join(map(str, sorted(args.bot_cpus))) if args.bot_cpus else ''})"
+        f" {result.bot_cpu / flood_seconds * 100:.0f}% of one core (nice {args.bot_nice})"
     )
     print(f"  relay log: {result.log or 'nothing notable'}; SIGTERM -> exit {result.exit_code}")
     for line in result.slow_commits:
@@ -1151,19 +1145,6 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
 # --- main -----------------------------------------------------------------------------------
 
 
-def cpu_list(text: str) -> set[int]:
-    """--bot-cpus: "1" or "0,1"."""
-    try:
-        cpus = {int(part) for part in text.split(",") if part.strip()}
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a list of CPU numbers (e.g. 1)"
-        ) from None
-    if not cpus or not cpus <= os.sched_getaffinity(0):
-        raise argparse.ArgumentTypeError(f"CPUs {text} are not all available here")
-    return cpus
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n\n")[0],
@@ -1177,13 +1158,6 @@ def main() -> None:
     parser.add_argument("--bots", type=int, default=200, help="concurrent bot connections")
     parser.add_argument("--bot-processes", type=int, default=2)
     parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
-    parser.add_argument(
-        "--bot-cpus",
-        type=cpu_list,
-        default=None,
-        help="confine the flood bots to these CPUs, e.g. 1 (a diagnostic: bots on a core of "
-        "their own stand in for bots on other machines; not how the goals are measured)",
-    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     for name in ("baseline", "flood", "recovery", "floor"):
