@@ -13,7 +13,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -263,6 +263,24 @@ def needs_restart(changed: list[str]) -> list[str]:
         if name in RESTART_ONLY
         or (name not in LIVE_SETTINGS and name.partition(".")[0] not in LIVE_SECTIONS)
     ]
+
+
+def keep_running(running: Config, new: Config, names: list[str]) -> Config:
+    """`new` with each named setting ("section.key" or a top-level name) put back to its
+    running value: the configuration a reload can apply. Everything the reload hands on (the
+    delivery process, health, the spool's bound) reads this one, so a setting the log says
+    waits for a restart is not half applied somewhere (a new state_dir under delivery)."""
+    sections: dict[str, dict[str, Any]] = {}
+    top_level: dict[str, Any] = {}
+    for name in names:
+        section, _, key = name.partition(".")
+        if key:
+            sections.setdefault(section, {})[key] = getattr(getattr(running, section), key)
+        else:
+            top_level[name] = getattr(running, name)
+    for section, values in sections.items():
+        top_level[section] = replace(getattr(new, section), **values)
+    return replace(new, **top_level)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -7,7 +7,6 @@ Shaped like uvicorn's `Server`: `run()` → `serve()` → `startup()` → `main_
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import ipaddress
 import itertools
@@ -94,6 +93,7 @@ class Server:
         self.config_path = config_path
         self.should_exit = False
         self.force_exit = False
+        self.stopping = False  # shutdown has begun: nothing new starts (a reload's delivery)
         self.reload_requested = False
         self.started_at = time.monotonic()
         self.ready_event: asyncio.Event | None = None
@@ -654,28 +654,39 @@ class Server:
         await self.accounts.reload()
         if self.config_path is not None:
             try:
-                new = config_module.load(self.config_path)
+                loaded = config_module.load(self.config_path)
             except ConfigError as error:
                 log.error("reload refused, keeping the running configuration: %s", error)
                 return
-            changed = config_module.changed_settings(self.config, new)
-            if any(name.startswith("relay.") for name in changed) or "log.level" in changed:
-                try:
-                    replacement = Delivery(new, self.spool)  # checks what it reads, too
-                except OSError as error:
-                    log.error(
-                        "reload refused, keeping the running configuration: %s: "
-                        "relay.upstream_password_file: cannot be read (%s)",
-                        new.source,
-                        error.strerror or error,
-                    )
-                    return
-                self._replace_delivery(new, replacement)
+            changed = config_module.changed_settings(self.config, loaded)
+            waiting = config_module.needs_restart(changed)
+            applied = [name for name in changed if name not in waiting]
+            # What can change live, over what runs: the rest keeps its running value
+            # everywhere, the delivery process included (a new state_dir there would
+            # deliver from an empty database).
+            new = config_module.keep_running(self.config, loaded, waiting)
+            try:
+                candidate = Delivery(new, self.spool)  # reads the upstream password file
+            except (OSError, ValueError) as error:
+                log.error(
+                    "reload refused, keeping the running configuration: %s: "
+                    "relay.upstream_password_file: cannot be read (%s)",
+                    new.source,
+                    getattr(error, "strerror", None) or error,
+                )
+                return
+            # A rotated password changes no setting, only the file's contents.
+            if candidate.upstream_password != self.delivery.upstream_password:
+                applied.append("relay.upstream_password_file (its contents)")
+            restart_delivery = any(name.startswith("relay.") for name in applied) or (
+                # The child's log level is set when it starts; in-process it is shared.
+                "log.level" in applied and self.delivery_process is not None
+            )
+            if restart_delivery:
+                self._replace_delivery(new, candidate)
             self._apply_config(new)
             if "defense.allowlist" in changed:  # joined with the database's allowlist there
                 await self._load_defense_state(initial=False)
-            waiting = config_module.needs_restart(changed)
-            applied = [name for name in changed if name not in waiting]
             if applied:
                 log.info("reload applied: %s", ", ".join(applied))
             if waiting:
@@ -692,39 +703,50 @@ class Server:
         log.info("reloaded: %d users", len(self.accounts.users))
 
     def _apply_config(self, new: Config) -> None:
-        """The settings in config.LIVE_SETTINGS that are read where they are used."""
+        """The settings in config.LIVE_SETTINGS that are read where they are used. `new` holds
+        the running values of everything else (config.keep_running), the defense's windows
+        and buckets among them (config.RESTART_ONLY)."""
         self.config = new
         self.handler.config = new
         self.listeners.config = new  # and through it, every new session
         self.observer.config = new
         logging.getLogger("mailfence").setLevel(LEVELS[new.log.level.lower()])
-        # The defense's thresholds are read where they are used; what shaped its windows and
-        # buckets at start stays as it was (config.RESTART_ONLY).
-        fixed = {
-            name.partition(".")[2]: getattr(self.defense.config, name.partition(".")[2])
-            for name in config_module.RESTART_ONLY
-            if name.startswith("defense.")
-        }
-        self.defense.config = dataclasses.replace(new.defense, **fixed)
+        self.defense.config = new.defense
 
     def _replace_delivery(self, new: Config, replacement: Delivery) -> None:
         """Delivery with the new relay settings, in the background: the old delivery
-        finishes its current messages first, and housekeeping goes on meanwhile."""
+        finishes its current messages first, and housekeeping goes on meanwhile. A stop
+        that comes meanwhile wins: no new delivery starts once the relay is stopping."""
         previous = self.delivery_replacement
+        # The old delivery stops within its own shutdown_timeout; the child then reports and
+        # closes its database, which the margin leaves time for before it is killed.
+        grace = max(self.config.smtp.shutdown_timeout, new.smtp.shutdown_timeout)
+
+        def wanted() -> bool:
+            return not self.stopping
 
         async def replace() -> None:
             if previous is not None:
                 await previous  # one reload after the other
-            timeout = new.smtp.shutdown_timeout
-            if self.delivery_process is not None:
-                await self.delivery_process.replace(new, timeout)
-                self.delivery = replacement  # the parent's own stays idle
-            else:
-                old = self.delivery
-                replacement.counters = old.counters  # the figures carry on, not from zero
-                await old.stop(timeout)
-                self.delivery = replacement
-                replacement.start()
+            try:
+                if self.delivery_process is not None:
+                    if not await self.delivery_process.replace(new, grace, wanted):
+                        log.info("reload's delivery restart dropped: the relay is stopping")
+                        return
+                    self.delivery = replacement  # the parent's own stays idle
+                else:
+                    old = self.delivery
+                    replacement.counters = old.counters  # the figures carry on, not from zero
+                    await old.stop(grace)
+                    if not wanted():
+                        log.info("reload's delivery restart dropped: the relay is stopping")
+                        return
+                    self.delivery = replacement
+                    replacement.start()
+            except Exception:
+                # The delivery process's check() starts a child again within a second.
+                log.exception("delivery could not be restarted with the new relay settings")
+                return
             log.info("delivery restarted with the new relay settings")
 
         self.delivery_replacement = asyncio.get_running_loop().create_task(replace())
@@ -735,6 +757,7 @@ class Server:
         deadline = time.monotonic() + (
             0.0 if self.force_exit else self.config.smtp.shutdown_timeout
         )
+        self.stopping = True
         self.notifier.stopping()
         # 1. Stop accepting new connections.
         await self.listeners.stop_accepting()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 
 import uvloop
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from mailfence.auth import make_hasher
 from mailfence.config import AuthConfig, Config, Listener, MetricsConfig, RelayConfig, SMTPConfig
@@ -60,6 +61,9 @@ class Sink:
     """An upstream SMTP server on a free loopback port.
 
     `reply` decides the answer to each DATA (default 250); `rcpt_reply` can refuse recipients.
+    With `credentials` ({user: password}), it requires STARTTLS (a self-signed certificate),
+    then a login with one of them before it takes mail; `logins` records each login tried, as
+    (user, accepted).
     """
 
     port: int = field(default_factory=free_port)
@@ -68,10 +72,38 @@ class Sink:
     messages: list[Received] = field(default_factory=list)
     attempts: int = 0
     connections: int = 0
+    credentials: dict[str, str] | None = None
+    logins: list[tuple[str, bool]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        if self.credentials is None:
+            self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        else:  # as real submission servers are: logins only after STARTTLS
+            from mailfence.smtp.tls import ensure_self_signed, server_context
+
+            with tempfile.TemporaryDirectory(prefix="mailfence-sink-") as directory:
+                context = server_context(*ensure_self_signed(Path(directory), "127.0.0.1"))
+            self._controller = Controller(
+                self,
+                hostname="127.0.0.1",
+                port=self.port,
+                authenticator=self._authenticate,
+                auth_required=True,
+                tls_context=context,
+                require_starttls=True,
+            )
+
+    def _authenticate(
+        self, server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        if not isinstance(data, LoginPassword) or self.credentials is None:
+            return AuthResult(success=False, handled=False)
+        user, password = data.login.decode(), data.password.decode()
+        accepted = self.credentials.get(user) == password
+        with self._lock:
+            self.logins.append((user, accepted))
+        return AuthResult(success=accepted)
 
     async def handle_EHLO(
         self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]

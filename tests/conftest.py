@@ -53,9 +53,13 @@ def relay(start_relay: StartRelay) -> RunningRelay:
 
 def starttls_client(relay: RunningRelay, login: bool = True) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10)
-    client.starttls(context=client_tls_context())
-    if login:
-        client.login(ALICE, ALICE_PASSWORD)
+    try:
+        client.starttls(context=client_tls_context())
+        if login:
+            client.login(ALICE, ALICE_PASSWORD)
+    except BaseException:
+        client.close()  # no socket left for the collector to find (a ResourceWarning)
+        raise
     return client
 
 

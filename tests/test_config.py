@@ -201,3 +201,11 @@ def test_a_reload_names_the_settings_it_cannot_apply() -> None:
         "state_dir",
     ]
     assert config.changed_settings(old, dataclasses.replace(old)) == []
+    # What the reload hands on: the live changes, and the running value of everything else.
+    applied = config.keep_running(old, new, config.needs_restart(changed))
+    assert config.changed_settings(old, applied) == [
+        "smtp.data_timeout",
+        "relay.upstream",
+        "defense.mode",
+    ]
+    assert applied.state_dir == old.state_dir and applied.relay.delivery_process is True

@@ -36,8 +36,12 @@ def banner(relay: RunningRelay, source: str) -> bytes:
 
 def session(relay: RunningRelay, source: str) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", relay.starttls_port, timeout=10, source_address=(source, 0))
-    client.starttls(context=client_tls_context())
-    client.ehlo()
+    try:
+        client.starttls(context=client_tls_context())
+        client.ehlo()
+    except BaseException:
+        client.close()  # refused mid-handshake: no socket left for the collector to find
+        raise
     return client
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from aiosmtpd.smtp import Envelope
 
 from mailfence import spool
@@ -221,3 +222,47 @@ def test_null_sender_is_relayed(relay: RunningRelay, sink: Sink) -> None:
     [received] = sink.wait_for(1)
     assert received.mail_from == "<>"
     assert received.rcpt_tos == ["bob@example.org"]
+
+
+def test_a_delivery_child_that_could_not_start_is_started_again(
+    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload replaces the delivery child; if the new one cannot be started (here: no file
+    descriptor left for its socket, as under EMFILE), the relay must not be left with no
+    delivery at all: the next check starts one."""
+    import asyncio
+    import resource
+
+    from mailfence.delivery.process import DeliveryProcess
+    from mailfence.store import open_database
+
+    from .test_door import limit_leaving
+
+    config = relay_config(tmp_path / "state", sink.port)
+    open_database(config.state_dir).close()
+
+    async def main() -> None:
+        children = DeliveryProcess(config)
+        children.start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            # One left: enough to wait for the old child, not for the new one's socket pair.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), hard))
+            with pytest.raises(OSError):
+                await children.replace(config, 5.0, lambda: True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        children.check()
+        process = children._process
+        try:
+            assert process is not None and process.is_alive()
+        finally:
+            await asyncio.to_thread(children.stop, 5.0)
+            children.close()
+        assert not process.is_alive()
+        children.check()  # stopped for good: nothing starts again
+        assert children._process is None
+
+    with caplog.at_level("ERROR", logger="mailfence.delivery"):
+        asyncio.run(main())
+    assert "delivery process is not running; starting it" in caplog.text

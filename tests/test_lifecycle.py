@@ -8,9 +8,11 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from mailfence.observe import control
 from mailfence.smtp import replies
 from mailfence.testing import Sink, client_tls_context, free_port
 
@@ -21,8 +23,12 @@ pytestmark = pytest.mark.slow
 
 def logged_in(port: int) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-    client.starttls(context=client_tls_context())
-    client.login(ALICE, ALICE_PASSWORD)
+    try:
+        client.starttls(context=client_tls_context())
+        client.login(ALICE, ALICE_PASSWORD)
+    except BaseException:
+        client.close()  # no socket left for the collector to find (a ResourceWarning)
+        raise
     return client
 
 
@@ -116,14 +122,97 @@ def test_sighup_applies_a_new_upstream_and_names_what_waits_for_a_restart(
     with Sink() as sink:
         text = relay.config_path.read_text()
         text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
+        # A new state_dir waits for a restart, for the new delivery too: it must go on
+        # delivering from the running database, not from an empty one in the new place.
+        text = text.replace('state_dir = "state"', 'state_dir = "state2"')
         relay.config_path.write_text(text + "\n[spool]\nmax_messages = 5000\n")
         relay.signal(signal.SIGHUP)
         [received] = sink.wait_for(1, timeout=30)
     assert b"for a new upstream" in received.content
     log = relay.log.read_text()
     assert "reload applied: relay.upstream" in log
-    assert "reload: spool.max_messages changed; the running values stay until a restart" in log
+    assert (
+        "reload: state_dir, spool.max_messages changed; the running values stay until a restart"
+        in log
+    )
     assert "delivery restarted with the new relay settings" in log
+    assert not (relay.directory / "state2").exists()
+    # What the relay reports is the bound it enforces (the running one), not the file's.
+    answer = control.request(relay.directory / "state" / "control.sock", "snapshot", {})
+    assert answer["snapshot"]["spool"]["max"] == 100000
+
+
+def test_sighup_applies_a_rotated_upstream_password(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    """The operator rotates the upstream's password: a new one in the same file, and a
+    reload. No setting changed, only the file's contents; the next delivery logs in with it."""
+    password_file = tmp_path / "upstream.pw"
+    password_file.write_text("old-secret\n")
+    with Sink(credentials={"relay@example.net": "new-secret"}) as sink:
+        relay = serve_process(
+            sink.port,
+            f'upstream_username = "relay@example.net"\nupstream_password_file = "{password_file}"',
+        )
+        text = relay.config_path.read_text().replace("smtp://", "smtp+starttls://")
+        relay.config_path.write_text(text + "upstream_tls_verify = false\n")
+        added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+        relay.start()
+        client = logged_in(relay.starttls_port)
+        client.sendmail(ALICE, ["bob@example.org"], b"Subject: rotated\r\n\r\nnew password\r\n")
+        client.quit()
+        for _ in range(100):  # bounded: 10 s, until the old password has been refused
+            if ("relay@example.net", False) in sink.logins:
+                break
+            time.sleep(0.1)
+        assert ("relay@example.net", False) in sink.logins and not sink.messages
+        password_file.write_text("new-secret\n")
+        relay.signal(signal.SIGHUP)
+        [received] = sink.wait_for(1, timeout=30)
+        relay.signal(signal.SIGTERM)  # before the sink stops: its connections end cleanly
+        assert relay.wait(30) == 0
+    assert b"new password" in received.content
+    assert ("relay@example.net", True) in sink.logins
+    assert "reload applied: relay.upstream_password_file (its contents)" in relay.log.read_text()
+
+
+def test_a_stop_right_after_a_reload_starts_no_new_delivery(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """SIGHUP with a new upstream, then SIGTERM while the old delivery is still finishing its
+    message: the stop wins. No delivery starts inside the shutdown (where it would be cut
+    short mid-send), the relay exits in its own time, and the message waits on disk for the
+    next start, which delivers it."""
+    with socket.socket() as mute:  # accepts connections and never greets
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(50)
+        relay = serve_process(mute.getsockname()[1])
+        added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+        assert added.returncode == 0, added.stderr
+        relay.start()
+        client = logged_in(relay.starttls_port)
+        client.sendmail(ALICE, ["bob@example.org"], b"Subject: kept\r\n\r\nfor later\r\n")
+        client.quit()
+        time.sleep(1.0)  # the delivery waits for the mute upstream's greeting
+        with Sink() as sink:
+            text = relay.config_path.read_text()
+            text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
+            relay.config_path.write_text(text)
+            relay.signal(signal.SIGHUP)
+            time.sleep(0.3)
+            stopped = time.monotonic()
+            relay.signal(signal.SIGTERM)
+            assert relay.wait(30) == 0
+            # shutdown_timeout is 5 s; the old delivery's cleanup margin is 3 s.
+            assert time.monotonic() - stopped < 12
+            log = relay.log.read_text()
+            assert "reload's delivery restart dropped: the relay is stopping" in log
+            assert "delivery restarted with the new relay settings" not in log
+            assert not sink.messages
+            relay.start()  # with the new upstream: the message was kept
+            [received] = sink.wait_for(1, timeout=30)
+    assert b"for later" in received.content
 
 
 def test_sighup_switches_the_defense_to_monitor_mode(running: ServeProcess) -> None:

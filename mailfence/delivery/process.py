@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import socket
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 import uvloop
@@ -28,6 +29,8 @@ from mailfence.spool import Spool
 from mailfence.store import Writer, connect
 
 log = logging.getLogger("mailfence.delivery")
+
+CHILD_CLEANUP = 3.0  # seconds, past its deadline, for the child's last report and close
 
 
 class DeliveryProcess:
@@ -41,6 +44,7 @@ class DeliveryProcess:
         self._nudge_pending = False
         self.restarts = 0
         self._replacing = False  # a reload is swapping the child: check() leaves it alone
+        self._wanted = False  # started and not stopped for good: check() keeps it running
         # What the child reports once a second (cumulative for that child), and the sums of
         # the children that came before it.
         self._reported: dict[str, int] = {}
@@ -70,18 +74,25 @@ class DeliveryProcess:
                 self._reported = {k: int(v) for k, v in json.loads(line).items()}
 
     def start(self) -> None:
+        self._wanted = True  # from now on, check() keeps a child running
         parent_end, child_end = socket.socketpair()
-        parent_end.setblocking(False)
-        self._nudge = parent_end
         level = logging.getLogger("mailfence").getEffectiveLevel()
-        self._process = self._context.Process(
+        process = self._context.Process(
             target=_child_main,
             args=(self.config, child_end, level),
             name="mailfence-delivery",
             daemon=True,
         )
-        self._process.start()
-        child_end.close()
+        try:
+            process.start()
+        except BaseException:
+            parent_end.close()  # and check() tries again in a second
+            raise
+        finally:
+            child_end.close()
+        parent_end.setblocking(False)
+        self._nudge = parent_end
+        self._process = process
         for key, value in self._reported.items():  # the previous child's last word
             self._earlier[key] = self._earlier.get(key, 0) + value
         self._reported = {}
@@ -104,39 +115,57 @@ class DeliveryProcess:
                 self._nudge.send(b"!")
 
     def check(self) -> None:
-        """Called every second: a child that died is logged and started again."""
-        if self._replacing:
+        """Called every second: a child that died (or could not be started) is logged and
+        started again."""
+        if self._replacing or not self._wanted:
             return
-        if self._process is not None and not self._process.is_alive():
-            log.error(
-                "delivery process exited (code %s); starting it again", self._process.exitcode
-            )
+        if self._process is None or not self._process.is_alive():
+            if self._process is None:
+                log.error("delivery process is not running; starting it")
+            else:
+                log.error(
+                    "delivery process exited (code %s); starting it again",
+                    self._process.exitcode,
+                )
+                self._process = None
             self.restarts += 1
             self._on_report()  # its last counts, if it sent them before dying
             self._close_nudge()
             self.start()
 
-    async def replace(self, config: Config, grace: float) -> None:
+    async def replace(self, config: Config, grace: float, wanted: Callable[[], bool]) -> bool:
         """Reload: the child finishes its current messages and exits (within `grace` seconds), and
-        one with `config` starts. Mail keeps arriving meanwhile; the new child finds it."""
+        one with `config` starts, unless `wanted()` has turned false meanwhile (the relay is
+        stopping). Mail keeps arriving meanwhile; the new child finds it. True if started."""
         self._replacing = True
         try:
-            await asyncio.to_thread(self.stop, grace)
+            await asyncio.to_thread(self._stop, grace)
             self.close()
             self.config = config
+            if not wanted():
+                self._wanted = False
+                return False
             self.start()
+            return True
         finally:
             self._replacing = False
 
     def stop(self, deadline: float) -> None:
-        """Blocking (run it on a thread): the child finishes its current messages and exits."""
+        """Blocking (run it on a thread): the child finishes its current messages and exits,
+        and none starts again."""
+        self._wanted = False
+        self._stop(deadline)
+
+    def _stop(self, deadline: float) -> None:
         process = self._process
         if process is None:
             return
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
-            process.join(max(1.0, deadline))
+            # The child waits up to `deadline` for its messages, then reports and closes its
+            # database: the margin leaves it time for that before it is killed.
+            process.join(max(1.0, deadline) + CHILD_CLEANUP)
         if process.is_alive():
             log.warning("delivery process did not stop in time; killing it")
             process.kill()
