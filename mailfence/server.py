@@ -444,8 +444,19 @@ class Server:
             # `mailfence ban/unban/allow` wrote the database: apply it now, not within 1 s.
             forgotten = 0
             if request.get("cleared_auto") is True:  # `bans clear --auto`: memory's too
-                forgotten = len(self._unwritten_bans(None, time.time()))
-                self._forget_unconfirmed_bans(None)
+                now = time.time()
+                held = self._unwritten_bans(None, now)
+                # The CLI's lift ran outside this relay's writer: bans still queued there were
+                # written after it and are in force. Lifting again through the writer, after
+                # them, ends those too; then what is still unwritten is what the disk refused.
+                late = await self.writer.run(lambda conn: defense_table.lift_auto(conn, now))
+                refused = [
+                    key
+                    for key in held
+                    if key in self.unconfirmed_bans and self.unconfirmed_bans[key][1] is None
+                ]
+                forgotten = late + len(refused)
+                self._forget_unconfirmed_bans(None)  # after the lift: a failed one keeps them
             await self._load_defense_state(initial=False)
             for ban in request.get("bans", []):
                 self.observer.ban_recorded(

@@ -214,6 +214,40 @@ def test_unban_does_not_claim_an_unwritten_ban_that_has_expired(
     assert "no ban in force on exactly 127.98.0.6/32" in result.stderr
 
 
+def test_clearing_auto_bans_also_ends_one_still_queued_for_writing(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """`bans clear --auto` lifts the rows, then tells the relay. A ban the relay made just
+    before, whose write was still waiting for the database (another process held the write
+    lock), is written after that lift: it must end too, in the database and in memory alike,
+    not linger as a row in force that the relay has forgotten (or come back at a restart)."""
+    holder = sqlite3.connect(relay.config.database_path, timeout=10, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the relay's writer now waits for the lock
+    try:
+        assert guess(relay, "127.98.0.8", "admin", "admin") == 454  # honeypot: banned
+        assert banner(relay, "127.98.0.8").startswith(b"421 ")
+        answers: list[dict[str, object]] = []
+        clearing = threading.Thread(  # what `bans clear --auto` sends after its own lift
+            target=lambda: answers.append(
+                control.request(
+                    relay.config.control_socket, "defense-changed", {"cleared_auto": True}
+                )
+            )
+        )
+        clearing.start()
+        time.sleep(0.5)
+    finally:
+        holder.execute("ROLLBACK")  # the lock is free: the ban's insert goes ahead
+        holder.close()
+    clearing.join(15)
+    assert answers and answers[0]["ok"] is True and answers[0]["forgotten"] == 1, answers
+    assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
+    assert banner(relay, "127.98.0.8").startswith(b"220 ")
+    time.sleep(1.5)  # a housekeeping round or two: nothing brings it back
+    assert banner(relay, "127.98.0.8").startswith(b"220 ")
+    assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
+
+
 def test_control_unban_counts_a_fresh_ban_once(relay: RunningRelay, tmp_path: Path) -> None:
     """A ban the relay just made is both queued for the database and held in memory; lifting
     it through the control socket lifts one ban, not two."""
