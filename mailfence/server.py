@@ -35,7 +35,7 @@ from mailfence.config import Config, ConfigError
 from mailfence.defense import Ban, Defense
 from mailfence.defense.net import IPNetwork, parse_ip
 from mailfence.delivery.process import DeliveryProcess
-from mailfence.delivery.worker import Delivery
+from mailfence.delivery.worker import Delivery, UpstreamPasswordError
 from mailfence.observe import control as control_socket
 from mailfence.observe.health import Health
 from mailfence.observe.live import Observer
@@ -159,6 +159,8 @@ class Server:
         self.defense_loads = 0
         self.unconfirmed_bans: dict[int, tuple[Ban, int | None]] = {}
         self.ban_numbers = itertools.count()
+        # Writes of those bans not yet settled: a lift waits for them (see _settle_ban_writes).
+        self.ban_writes: set[asyncio.Task[None]] = set()
         await self._load_defense_state(initial=True)
         self.background: set[asyncio.Task[None]] = set()
         self.handler = RelayHandler(config, self.authenticator, self.spool, self.defense)
@@ -166,11 +168,10 @@ class Server:
         self.handler.on_known_good = self._persist_known_good
         try:
             self.delivery = Delivery(config, self.spool)
-        except OSError as error:
-            raise StartupError(
-                f"{config.source}: relay.upstream_password_file: cannot be read "
-                f"({error.strerror}); fix: check the path and its permissions"
-            ) from None
+        except UpstreamPasswordError as error:
+            raise StartupError(str(error)) from None
+        # The upstream password delivery runs with (or will, once a reload's restart is done).
+        self.upstream_password = self.delivery.upstream_password
         self.listeners = Listeners(config, self.handler, self.tls, self.defense)
         self.observer = Observer(
             config, self.defense, self.pool, self.spool, self.listeners, time.time()
@@ -274,10 +275,11 @@ class Server:
             for user, prefix, when in pairs:
                 self.defense.remember_known_good(user, prefix, when)
 
-    def _in_background(self, job: Any) -> None:
-        task = asyncio.get_running_loop().create_task(job)
+    def _in_background(self, job: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(job)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     def _persist_bans(self, bans: list[Ban]) -> None:
         for ban in bans:
@@ -317,24 +319,38 @@ class Server:
             if before == self.defense_signature:
                 self.defense_signature = after
 
-        self._in_background(write())
+        task = self._in_background(write())
+        self.ban_writes.add(task)
+        task.add_done_callback(self.ban_writes.discard)
 
-    def _unwritten_bans(self, network: IPNetwork | None, now: float) -> list[int]:
-        """Keys of automatic bans in force that no database row holds yet (on exactly
-        `network`, or all of them): their write failed or is still queued. Without these,
-        `unban` found no row to lift and the ban held until it expired or the relay
-        restarted. A ban written but not yet reloaded is not one: the database lifts it."""
-        return [
-            key
-            for key, (ban, written) in self.unconfirmed_bans.items()
-            if written is None and ban.active(now) and (network is None or ban.network == network)
-        ]
+    async def _settle_ban_writes(self) -> list[int]:
+        """Before a lift: waits until every ban made so far is written or has failed (a lift
+        queued ahead of a ban's insert would leave that ban in force in the database while
+        memory forgot it), and returns their keys: the bans the lift is about. Bans made
+        after this are not the operator's to lift."""
+        keys = list(self.unconfirmed_bans)
+        if self.ban_writes:
+            await asyncio.wait(set(self.ban_writes))
+        return keys
 
-    def _forget_unconfirmed_bans(self, network: IPNetwork | None) -> None:
-        """Drops every ban this relay made on `network` (or all) that a reload may not have
-        seen yet; call it once the database's lift has committed."""
-        for key, (ban, _) in list(self.unconfirmed_bans.items()):
-            if network is None or ban.network == network:
+    def _unwritten_bans(self, keys: list[int], network: IPNetwork | None, now: float) -> int:
+        """How many of these bans (on exactly `network`, or all) are in force with no
+        database row to lift, once their writes have settled: the disk refused them. Without
+        counting these, `unban` found no row and the ban held until it expired or the relay
+        restarted."""
+        count = 0
+        for key in keys:
+            ban, written = self.unconfirmed_bans.get(key, (None, 0))
+            if ban is not None and written is None and ban.active(now):
+                count += network is None or ban.network == network
+        return count
+
+    def _forget_unconfirmed_bans(self, keys: list[int], network: IPNetwork | None) -> None:
+        """Drops these bans (on `network`, or all) from what memory adds to the database's
+        list; call it once the database's lift has committed."""
+        for key in keys:
+            entry = self.unconfirmed_bans.get(key)
+            if entry is not None and (network is None or entry[0].network == network):
                 del self.unconfirmed_bans[key]
 
     def _persist_known_good(self, user: str, prefix: IPNetwork, when: float) -> None:
@@ -444,19 +460,16 @@ class Server:
             # `mailfence ban/unban/allow` wrote the database: apply it now, not within 1 s.
             forgotten = 0
             if request.get("cleared_auto") is True:  # `bans clear --auto`: memory's too
+                # The CLI's lift ran outside this relay's writer: a ban the relay made
+                # meanwhile may be written after it, in force. Lifting again through the
+                # writer once those writes have settled ends them too; what is still
+                # unwritten then is what the disk refused, held only in memory.
+                keys = await self._settle_ban_writes()
                 now = time.time()
-                held = self._unwritten_bans(None, now)
-                # The CLI's lift ran outside this relay's writer: bans still queued there were
-                # written after it and are in force. Lifting again through the writer, after
-                # them, ends those too; then what is still unwritten is what the disk refused.
+                refused = self._unwritten_bans(keys, None, now)
                 late = await self.writer.run(lambda conn: defense_table.lift_auto(conn, now))
-                refused = [
-                    key
-                    for key in held
-                    if key in self.unconfirmed_bans and self.unconfirmed_bans[key][1] is None
-                ]
-                forgotten = late + len(refused)
-                self._forget_unconfirmed_bans(None)  # after the lift: a failed one keeps them
+                self._forget_unconfirmed_bans(keys, None)  # after the lift: a failed one keeps
+                forgotten = late + refused
             await self._load_defense_state(initial=False)
             for ban in request.get("bans", []):
                 self.observer.ban_recorded(
@@ -503,14 +516,12 @@ class Server:
 
         async def unban(request: dict[str, Any]) -> dict[str, Any]:
             network = _network(request.get("network"))
+            keys = await self._settle_ban_writes()  # so the lift comes after their inserts
             now = time.time()
-            held = self._unwritten_bans(network, now)
-            # A ban still queued for writing is written before this lift (the writer keeps
-            # order), so the lift ends it too and counts it: `held` counts only when the
-            # database found nothing.
+            held = self._unwritten_bans(keys, network, now)  # refused by the disk: memory only
             lifted = await self.writer.run(lambda conn: defense_table.lift(conn, network, now))
-            self._forget_unconfirmed_bans(network)  # after the lift: a failed one keeps them
-            lifted = lifted or len(held)
+            self._forget_unconfirmed_bans(keys, network)  # after the lift: a failed one keeps
+            lifted = lifted or held
             if not lifted:
                 raise ValueError(f"no ban in force on exactly {network}")
             await self._load_defense_state(initial=False)
@@ -678,16 +689,11 @@ class Server:
             new = config_module.keep_running(self.config, loaded, waiting)
             try:
                 candidate = Delivery(new, self.spool)  # reads the upstream password file
-            except (OSError, ValueError) as error:
-                log.error(
-                    "reload refused, keeping the running configuration: %s: "
-                    "relay.upstream_password_file: cannot be read (%s)",
-                    new.source,
-                    getattr(error, "strerror", None) or error,
-                )
+            except UpstreamPasswordError as error:
+                log.error("reload refused, keeping the running configuration: %s", error)
                 return
             # A rotated password changes no setting, only the file's contents.
-            if candidate.upstream_password != self.delivery.upstream_password:
+            if candidate.upstream_password != self.upstream_password:
                 applied.append("relay.upstream_password_file (its contents)")
             restart_delivery = any(name.startswith("relay.") for name in applied) or (
                 # The child's log level is set when it starts; in-process it is shared.
@@ -695,6 +701,7 @@ class Server:
             )
             if restart_delivery:
                 self._replace_delivery(new, candidate)
+                self.upstream_password = candidate.upstream_password  # what now will run
             self._apply_config(new)
             if "defense.allowlist" in changed:  # joined with the database's allowlist there
                 await self._load_defense_state(initial=False)
@@ -732,6 +739,8 @@ class Server:
         # The old delivery stops within its own shutdown_timeout; the child then reports and
         # closes its database, which the margin leaves time for before it is killed.
         grace = max(self.config.smtp.shutdown_timeout, new.smtp.shutdown_timeout)
+        if self.delivery_process is not None:  # the child waits for its own value
+            grace = max(grace, self.delivery_process.config.smtp.shutdown_timeout)
 
         def wanted() -> bool:
             return not self.stopping

@@ -236,16 +236,27 @@ def test_clearing_auto_bans_also_ends_one_still_queued_for_writing(
         )
         clearing.start()
         time.sleep(0.5)
+        # A ban made while the command is under way: whether it is lifted too depends on
+        # whether its insert lands before the lift; either way, memory and rows must agree.
+        assert guess(relay, "127.98.0.9", "admin", "admin") == 454
     finally:
-        holder.execute("ROLLBACK")  # the lock is free: the ban's insert goes ahead
+        holder.execute("ROLLBACK")  # the lock is free: the bans' inserts go ahead
         holder.close()
     clearing.join(15)
-    assert answers and answers[0]["ok"] is True and answers[0]["forgotten"] == 1, answers
-    assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
-    assert banner(relay, "127.98.0.8").startswith(b"220 ")
-    time.sleep(1.5)  # a housekeeping round or two: nothing brings it back
-    assert banner(relay, "127.98.0.8").startswith(b"220 ")
-    assert json.loads(cli(relay, tmp_path, "bans", "--json").stdout) == []
+    assert answers and answers[0]["ok"] is True, answers
+    seen = []
+    for _ in range(2):  # now, and after a housekeeping round or two
+        in_force = [
+            ban["network"] for ban in json.loads(cli(relay, tmp_path, "bans", "--json").stdout)
+        ]
+        assert "127.98.0.8/32" not in in_force
+        assert banner(relay, "127.98.0.8").startswith(b"220 ")
+        later_banned = "127.98.0.9/32" in in_force
+        assert banner(relay, "127.98.0.9").startswith(b"421 " if later_banned else b"220 ")
+        seen.append(later_banned)
+        time.sleep(1.5)
+    assert seen[0] == seen[1]
+    assert answers[0]["forgotten"] == (1 if seen[0] else 2)  # each lifted ban counted once
 
 
 def test_control_unban_counts_a_fresh_ban_once(relay: RunningRelay, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from aiosmtpd.smtp import Envelope
 
 from mailfence import spool
-from mailfence.testing import DNSServer, RunningRelay, Sink, relay_config
+from mailfence.testing import DNSServer, RunningRelay, Sink, free_port, relay_config
 
 from .conftest import ALICE, StartRelay, starttls_client
 
@@ -225,7 +225,7 @@ def test_null_sender_is_relayed(relay: RunningRelay, sink: Sink) -> None:
 
 
 def test_a_delivery_child_that_could_not_start_is_started_again(
-    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A reload replaces the delivery child; if the new one cannot be started (here: no file
     descriptor left for its socket, as under EMFILE), the relay must not be left with no
@@ -238,7 +238,9 @@ def test_a_delivery_child_that_could_not_start_is_started_again(
 
     from .test_door import limit_leaving
 
-    config = relay_config(tmp_path / "state", sink.port)
+    # No upstream to reach, and no other thread here that could take a descriptor while
+    # the limit is down.
+    config = relay_config(tmp_path / "state", free_port())
     open_database(config.state_dir).close()
 
     async def main() -> None:
@@ -246,10 +248,13 @@ def test_a_delivery_child_that_could_not_start_is_started_again(
         children.start()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         try:
-            # One left: enough to wait for the old child, not for the new one's socket pair.
+            # One left: the old child is waited for (a selector takes one descriptor at a
+            # time) and the new one's socket pair and pipes cannot all be made.
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(1), hard))
             with pytest.raises(OSError):
                 await children.replace(config, 5.0, lambda: True)
+            children.check()  # still no descriptors: logged, not raised into housekeeping
+            assert children._process is None
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         children.check()
@@ -266,3 +271,4 @@ def test_a_delivery_child_that_could_not_start_is_started_again(
     with caplog.at_level("ERROR", logger="mailfence.delivery"):
         asyncio.run(main())
     assert "delivery process is not running; starting it" in caplog.text
+    assert "delivery process could not be started" in caplog.text

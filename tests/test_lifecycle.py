@@ -188,13 +188,18 @@ def test_a_stop_right_after_a_reload_starts_no_new_delivery(
         mute.bind(("127.0.0.1", 0))
         mute.listen(50)
         relay = serve_process(mute.getsockname()[1])
+        # The delivery waits up to a minute for the mute upstream's greeting: still busy
+        # with it whenever the reload and the stop come.
+        text = relay.config_path.read_text().replace('connect_timeout = "2s"', "")
+        relay.config_path.write_text(text + 'connect_timeout = "60s"\n')
         added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
         assert added.returncode == 0, added.stderr
         relay.start()
         client = logged_in(relay.starttls_port)
         client.sendmail(ALICE, ["bob@example.org"], b"Subject: kept\r\n\r\nfor later\r\n")
         client.quit()
-        time.sleep(1.0)  # the delivery waits for the mute upstream's greeting
+        mute.settimeout(20)
+        waiting, _ = mute.accept()  # the delivery has connected and waits for a greeting
         with Sink() as sink:
             text = relay.config_path.read_text()
             text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
@@ -210,6 +215,7 @@ def test_a_stop_right_after_a_reload_starts_no_new_delivery(
             assert "reload's delivery restart dropped: the relay is stopping" in log
             assert "delivery restarted with the new relay settings" not in log
             assert not sink.messages
+            waiting.close()
             relay.start()  # with the new upstream: the message was kept
             [received] = sink.wait_for(1, timeout=30)
     assert b"for later" in received.content
@@ -278,3 +284,21 @@ def test_unreadable_certificate_is_a_startup_failure(
     result = relay.cli("serve")
     assert result.returncode == 3
     assert "tls.cert" in result.stderr and "missing.pem" in result.stderr
+
+
+def test_an_upstream_password_file_that_is_not_text_is_a_startup_failure(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    """One line naming the file, the setting and the fix, not a traceback."""
+    password_file = tmp_path / "upstream.pw"
+    password_file.write_bytes(b"\xff\xfe\x00secret")  # UTF-16 by mistake, say
+    relay = serve_process(
+        1,
+        f'upstream_username = "relay@example.net"\nupstream_password_file = "{password_file}"',
+    )
+    text = relay.config_path.read_text().replace("smtp://", "smtp+starttls://")
+    relay.config_path.write_text(text)
+    result = relay.cli("serve")
+    assert result.returncode == 3
+    assert "relay.upstream_password_file" in result.stderr
+    assert "is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr

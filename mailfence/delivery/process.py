@@ -131,7 +131,10 @@ class DeliveryProcess:
             self.restarts += 1
             self._on_report()  # its last counts, if it sent them before dying
             self._close_nudge()
-            self.start()
+            try:
+                self.start()
+            except OSError as error:  # out of descriptors or processes: next second, again
+                log.error("delivery process could not be started: %s", error)
 
     async def replace(self, config: Config, grace: float, wanted: Callable[[], bool]) -> bool:
         """Reload: the child finishes its current messages and exits (within `grace` seconds), and

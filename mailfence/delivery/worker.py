@@ -63,6 +63,25 @@ class TemporaryFailure(Exception):
         self.retry = retry  # worth one immediate retry on a fresh connection
 
 
+class UpstreamPasswordError(Exception):
+    """relay.upstream_password_file cannot be used; the message names the file and the fix."""
+
+
+def read_upstream_password(config: Config) -> str:
+    path = resolve_path(config, config.relay.upstream_password_file)
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror or error})"
+        fix = "check the path and its permissions"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+        fix = "write the password alone, as UTF-8 text, in that file"
+    raise UpstreamPasswordError(
+        f"{config.source}: relay.upstream_password_file: {path} {problem}; fix: {fix}"
+    )
+
+
 @dataclass
 class DeliveryCounters:
     delivered: int = 0
@@ -96,8 +115,7 @@ class Delivery:
         )
         self.upstream_password: str | None = None
         if relay.upstream_password_file:
-            path = resolve_path(config, relay.upstream_password_file)
-            self.upstream_password = path.read_text(encoding="utf-8").strip()
+            self.upstream_password = read_upstream_password(config)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=relay.delivery_workers * 2)
         self.in_flight: set[str] = set()
         self.trackers: dict[str, _Tracker] = {}
