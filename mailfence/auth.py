@@ -225,8 +225,10 @@ class VerificationPool:
         self.waiting: dict[str, deque[asyncio.Future[None]]] = {lane: deque() for lane in LANES}
         # Recent verification times, used to make a login for an unknown user take as long.
         self.recent_seconds: deque[float] = deque(maxlen=64)
-        # The same, for strangers' hashes alone (they run at a lower priority): a login for a
-        # user that does not exist is always a stranger's, and must take as long as one.
+        # How long strangers waited for their answer, the wait for a thread included (their
+        # hashes run at a lower priority, one thread at a time): a login for a user that does
+        # not exist is always a stranger's, and must take as long as one, or a busy lane
+        # would tell real names (queued) from unknown ones (answered after a hash's time).
         self.recent_stranger_seconds: deque[float] = deque(maxlen=64)
         # Time spent waiting for a thread, per lane (the last 256): `top` shows its p99.
         self.recent_waits: dict[str, deque[float]] = {lane: deque(maxlen=256) for lane in LANES}
@@ -278,6 +280,7 @@ class VerificationPool:
                     waiter.set_result(None)
 
     async def verify(self, password_hash: str, password: bytes, lane: str = "unknown") -> bool:
+        entered = time.perf_counter()
         await self._acquire(lane)
         try:
             loop = asyncio.get_running_loop()
@@ -295,10 +298,10 @@ class VerificationPool:
             # session dropped mid-AUTH must not let another hash start on a busy core.
             self._release(lane)
             if not job.cancelled() and job.exception() is None:
-                seconds = time.perf_counter() - started
-                self.recent_seconds.append(seconds)
+                now = time.perf_counter()
+                self.recent_seconds.append(now - started)
                 if lane != "known":
-                    self.recent_stranger_seconds.append(seconds)
+                    self.recent_stranger_seconds.append(now - entered)
 
         job.add_done_callback(finished)
         return await asyncio.shield(job)

@@ -176,3 +176,26 @@ def test_decoys_take_as_long_as_a_strangers_hash() -> None:
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_decoys_take_as_long_as_a_stranger_waits_in_a_busy_lane() -> None:
+    """Strangers hash one at a time: when two arrive together, the second waits for the first.
+    A real name's answer then takes the wait plus a hash; a decoy must be drawn from that
+    whole time, or a busy lane would tell real names from unknown ones by timing."""
+    digest = SLOW.hash(SECRET)
+
+    async def main() -> None:
+        pool = VerificationPool(SLOW, threads=2, known_queue=8, unknown_queue=8, unknown_threads=1)
+        await asyncio.gather(
+            pool.verify(digest, b"first", "unknown"), pool.verify(digest, b"second", "unknown")
+        )
+        waited = max(pool.recent_waits["unknown"])
+        assert waited > 0  # the second did wait for the thread
+        hashes, answers = list(pool.recent_seconds), list(pool.recent_stranger_seconds)
+        assert max(answers) >= waited + min(hashes) * 0.5
+        assert max(answers) > max(hashes)  # longer than any hash alone
+        drawn = [pool.decoy_delay() for _ in range(200)]
+        assert max(drawn) >= max(answers) * 0.9
+        pool.shutdown()
+
+    asyncio.run(main())
