@@ -35,7 +35,7 @@ from mailfence.config import Config, ConfigError
 from mailfence.defense import Ban, Defense
 from mailfence.defense.net import IPNetwork, parse_ip
 from mailfence.delivery.process import DeliveryProcess
-from mailfence.delivery.worker import Delivery, UpstreamPasswordError
+from mailfence.delivery.worker import Delivery, UpstreamPasswordError, read_upstream_password
 from mailfence.observe import control as control_socket
 from mailfence.observe.health import Health
 from mailfence.observe.live import Observer
@@ -341,8 +341,9 @@ class Server:
         count = 0
         for key in keys:
             ban, written = self.unconfirmed_bans.get(key, (None, 0))
-            if ban is not None and written is None and ban.active(now):
-                count += network is None or ban.network == network
+            on_network = network is None or (ban is not None and ban.network == network)
+            if ban is not None and written is None and ban.active(now) and on_network:
+                count += 1
         return count
 
     def _forget_unconfirmed_bans(self, keys: list[int], network: IPNetwork | None) -> None:
@@ -688,20 +689,20 @@ class Server:
             # deliver from an empty database).
             new = config_module.keep_running(self.config, loaded, waiting)
             try:
-                candidate = Delivery(new, self.spool)  # reads the upstream password file
+                # Read at every reload: a rotated password changes no setting, only the file.
+                password = read_upstream_password(new) if new.relay.upstream_password_file else None
             except UpstreamPasswordError as error:
                 log.error("reload refused, keeping the running configuration: %s", error)
                 return
-            # A rotated password changes no setting, only the file's contents.
-            if candidate.upstream_password != self.upstream_password:
+            if password != self.upstream_password:
                 applied.append("relay.upstream_password_file (its contents)")
             restart_delivery = any(name.startswith("relay.") for name in applied) or (
                 # The child's log level is set when it starts; in-process it is shared.
                 "log.level" in applied and self.delivery_process is not None
             )
             if restart_delivery:
-                self._replace_delivery(new, candidate)
-                self.upstream_password = candidate.upstream_password  # what now will run
+                self._replace_delivery(new, Delivery(new, self.spool, password))
+                self.upstream_password = password  # what now will run
             self._apply_config(new)
             if "defense.allowlist" in changed:  # joined with the database's allowlist there
                 await self._load_defense_state(initial=False)

@@ -28,6 +28,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from mailfence.auth import make_hasher
 from mailfence.config import AuthConfig, Config, Listener, MetricsConfig, RelayConfig, SMTPConfig
 from mailfence.server import Server
+from mailfence.smtp.tls import ensure_self_signed, server_context
 from mailfence.store import open_database
 from mailfence.store import users as user_table
 
@@ -80,8 +81,6 @@ class Sink:
         if self.credentials is None:
             self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
         else:  # as real submission servers are: logins only after STARTTLS
-            from mailfence.smtp.tls import ensure_self_signed, server_context
-
             with tempfile.TemporaryDirectory(prefix="mailfence-sink-") as directory:
                 context = server_context(*ensure_self_signed(Path(directory), "127.0.0.1"))
             self._controller = Controller(

@@ -32,6 +32,20 @@ def logged_in(port: int) -> smtplib.SMTP:
     return client
 
 
+def start_and_queue(relay: ServeProcess, body: bytes) -> None:
+    """Alice's account, the relay started, and one message from her answered 250."""
+    added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    relay.start()
+    client = logged_in(relay.starttls_port)
+    client.sendmail(ALICE, ["bob@example.org"], body)
+    client.quit()
+
+
+def with_upstream_port(text: str, port: int) -> str:
+    return re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{port}", text)
+
+
 @pytest.fixture
 def running(sink: Sink, serve_process: Callable[..., ServeProcess]) -> ServeProcess:
     relay = serve_process(sink.port)
@@ -113,15 +127,9 @@ def test_sighup_applies_a_new_upstream_and_names_what_waits_for_a_restart(
     is named in the log, not silently ignored."""
     # The first upstream never answers. (Delivery runs in a child process by default.)
     relay = serve_process(free_port(), f"delivery_process = {str(in_a_child).lower()}")
-    added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
-    assert added.returncode == 0, added.stderr
-    relay.start()
-    client = logged_in(relay.starttls_port)
-    client.sendmail(ALICE, ["bob@example.org"], b"Subject: waiting\r\n\r\nfor a new upstream\r\n")
-    client.quit()
+    start_and_queue(relay, b"Subject: waiting\r\n\r\nfor a new upstream\r\n")
     with Sink() as sink:
-        text = relay.config_path.read_text()
-        text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
+        text = with_upstream_port(relay.config_path.read_text(), sink.port)
         # A new state_dir waits for a restart, for the new delivery too: it must go on
         # delivering from the running database, not from an empty one in the new place.
         text = text.replace('state_dir = "state"', 'state_dir = "state2"')
@@ -156,12 +164,7 @@ def test_sighup_applies_a_rotated_upstream_password(
         )
         text = relay.config_path.read_text().replace("smtp://", "smtp+starttls://")
         relay.config_path.write_text(text + "upstream_tls_verify = false\n")
-        added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
-        assert added.returncode == 0, added.stderr
-        relay.start()
-        client = logged_in(relay.starttls_port)
-        client.sendmail(ALICE, ["bob@example.org"], b"Subject: rotated\r\n\r\nnew password\r\n")
-        client.quit()
+        start_and_queue(relay, b"Subject: rotated\r\n\r\nnew password\r\n")
         for _ in range(100):  # bounded: 10 s, until the old password has been refused
             if ("relay@example.net", False) in sink.logins:
                 break
@@ -192,17 +195,11 @@ def test_a_stop_right_after_a_reload_starts_no_new_delivery(
         # with it whenever the reload and the stop come.
         text = relay.config_path.read_text().replace('connect_timeout = "2s"', "")
         relay.config_path.write_text(text + 'connect_timeout = "60s"\n')
-        added = relay.cli("users", "add", ALICE, "--password-stdin", stdin=ALICE_PASSWORD + "\n")
-        assert added.returncode == 0, added.stderr
-        relay.start()
-        client = logged_in(relay.starttls_port)
-        client.sendmail(ALICE, ["bob@example.org"], b"Subject: kept\r\n\r\nfor later\r\n")
-        client.quit()
+        start_and_queue(relay, b"Subject: kept\r\n\r\nfor later\r\n")
         mute.settimeout(20)
         waiting, _ = mute.accept()  # the delivery has connected and waits for a greeting
         with Sink() as sink:
-            text = relay.config_path.read_text()
-            text = re.sub(r"smtp://127\.0\.0\.1:\d+", f"smtp://127.0.0.1:{sink.port}", text)
+            text = with_upstream_port(relay.config_path.read_text(), sink.port)
             relay.config_path.write_text(text)
             relay.signal(signal.SIGHUP)
             time.sleep(0.3)

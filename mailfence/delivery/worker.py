@@ -100,7 +100,7 @@ def _outcome(address: str, code: int, message: str) -> Recipient:
 
 
 class Delivery:
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool, upstream_password: str | None = None) -> None:
         self.config = config
         self.spool = spool
         relay = config.relay
@@ -113,8 +113,9 @@ class Delivery:
         self.ca_file = (
             str(resolve_path(config, relay.upstream_ca_file)) if relay.upstream_ca_file else None
         )
-        self.upstream_password: str | None = None
-        if relay.upstream_password_file:
+        # Given when the caller has just read the file (a reload), else read here.
+        self.upstream_password = upstream_password
+        if upstream_password is None and relay.upstream_password_file:
             self.upstream_password = read_upstream_password(config)
         self.jobs: asyncio.Queue[Job] = asyncio.Queue(maxsize=relay.delivery_workers * 2)
         self.in_flight: set[str] = set()
