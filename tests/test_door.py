@@ -40,7 +40,7 @@ def limit_leaving(free: int) -> int:
 
 
 def test_a_turn_accepts_at_most_one_batch() -> None:
-    [listening] = open_listening_sockets("127.0.0.1", 0, backlog=128)
+    [(listening, _)] = open_listening_sockets("127.0.0.1", 0, backlog=128)
     accepted: list[socket.socket] = []
     door = Door(listening, lambda connection, peer: accepted.append(connection))
     waiting = 2 * ACCEPT_BATCH + 3
@@ -63,7 +63,7 @@ def test_out_of_descriptors_pauses_the_door_and_it_resumes(
 ) -> None:
     """EMFILE must not make the loop spin on a readable socket it cannot accept from: the door
     stops watching for ACCEPT_PAUSE, says so in the log, and takes the rest afterwards."""
-    [listening] = open_listening_sockets("127.0.0.1", 0, backlog=128)
+    [(listening, _)] = open_listening_sockets("127.0.0.1", 0, backlog=128)
     accepted: list[socket.socket] = []
     door = Door(listening, lambda connection, peer: accepted.append(connection))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -115,7 +115,7 @@ def test_an_address_family_the_kernel_lacks_is_skipped(monkeypatch: pytest.Monke
         return answers
 
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    [listening] = open_listening_sockets("localhost", 0, backlog=8)
+    [(listening, _)] = open_listening_sockets("localhost", 0, backlog=8)
     try:
         assert listening.family == socket.AF_INET
     finally:

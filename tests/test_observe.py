@@ -285,6 +285,7 @@ def test_metrics_parse_and_move(relay: RunningRelay, sink: Sink) -> None:
     assert after["mailfence_auth_total{lane=unknown,outcome=ok}"] == 1
     assert after["mailfence_auth_total{lane=unknown,outcome=failed}"] == 1
     assert after["mailfence_connections_total{outcome=accepted}"] >= 2
+    assert after["mailfence_accepted_by_queue_total{queue=common}"] >= 2  # nobody known yet
     assert after["mailfence_time_to_250_seconds_count{}"] == 1
     assert after["mailfence_auth_duration_seconds_count{lane=unknown}"] == 2
     assert "mailfence_verify_queue_length{lane=unknown}" in after

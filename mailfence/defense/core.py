@@ -88,6 +88,7 @@ class Defense:
         # (user, prefix) -> time of the last successful login from that prefix.
         self.known_good: dict[tuple[str, IPNetwork], float] = {}
         self._known_prefixes: Counter[IPNetwork] = Counter()
+        self.known_prefixes_added = 0  # changes when a prefix becomes known
         self.live_sources: Counter[IPNetwork] = Counter()
         self.live_prefixes: Counter[IPNetwork] = Counter()
         window = config.failure_window
@@ -148,6 +149,14 @@ class Defense:
 
     def is_known_good_source(self, address: IPAddress) -> bool:
         return self._known_prefixes[self.prefix_of(address)] > 0
+
+    def trusted_networks(self) -> list[IPNetwork]:
+        """The networks the door exempts from strangers' limits: the allowlist, then the
+        prefixes customers have logged in from, the most recent first."""
+        latest: dict[IPNetwork, float] = {}
+        for (_, prefix), when in self.known_good.items():
+            latest[prefix] = max(when, latest.get(prefix, 0.0))
+        return [*self.allowlist, *sorted(latest, key=lambda prefix: -latest[prefix])]
 
     def lane(self, username: str, address: IPAddress, now: float) -> Lane:
         last = self.known_good.get((username, self.prefix_of(address)))
@@ -364,6 +373,8 @@ class Defense:
         key = (username, prefix)
         if key not in self.known_good:
             self._known_prefixes[prefix] += 1
+            if self._known_prefixes[prefix] == 1:
+                self.known_prefixes_added += 1
         self.known_good[key] = max(when, self.known_good.get(key, 0.0))
 
     # --- bans ----------------------------------------------------------------------------

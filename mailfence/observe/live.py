@@ -160,6 +160,7 @@ class Observer:
                 "bounced": flat["bounced"],
             },
             "live_connections": self.listeners.open_connections,
+            "accepted_by_queue": dict(self.listeners.accepted_from),
             "pool_busy": dict(self.pool.busy_by_lane),
             "pool_queued": {lane: len(q) for lane, q in self.pool.waiting.items()},
             "spool_size": self.spool.size,
@@ -211,6 +212,9 @@ class Observer:
                 "sessions": len(live),
                 "limit": self.config.smtp.max_connections,
                 "by_state": by_state,
+                # Accepted from each accept queue (smtp/steering.py): "customers" counts those
+                # that skipped the strangers' queue at the door.
+                "accepted_by_queue": dict(self.listeners.accepted_from),
             },
             "totals": flat,
             "rates": rates,

@@ -46,6 +46,16 @@ class RelayCollector(Collector):
             connections.add_metric([outcome], n)
         yield connections
 
+        queues = CounterMetricFamily(
+            "mailfence_accepted_by_queue",
+            "Connections accepted from each accept queue: customers (known networks, ahead of"
+            " strangers) or common.",
+            labels=["queue"],
+        )
+        for queue, n in sorted(f["accepted_by_queue"].items()):
+            queues.add_metric([queue], n)
+        yield queues
+
         auth = CounterMetricFamily(
             "mailfence_auth",
             "AUTH attempts by outcome (ok, failed, refused before hashing, busy, disabled) and "

@@ -41,12 +41,18 @@ _LOST_ONE = {
 Accepted = Callable[[socket.socket, Any], None]  # (connection, peer address as accept gives it)
 
 
-def open_listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+def open_listening_sockets(
+    host: str, port: int, backlog: int, customers_queue: bool = False
+) -> list[tuple[socket.socket, socket.socket | None]]:
     """Non-blocking listening sockets for (host, port), one per address it resolves to, as
     `loop.create_server` makes them (SO_REUSEADDR; IPv6 sockets IPv6-only). Like it, an
-    address of a family this kernel lacks (IPv6 disabled, say) is skipped, not fatal."""
+    address of a family this kernel lacks (IPv6 disabled, say) is skipped, not fatal.
+
+    Each comes with its customers' queue (steering.py) when `customers_queue` is set and the
+    kernel allows it, else None."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
+    opened: list[socket.socket] = []
+    pairs: list[tuple[socket.socket, socket.socket | None]] = []
     unsupported: OSError | None = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -55,20 +61,56 @@ def open_listening_sockets(host: str, port: int, backlog: int) -> list[socket.so
             except OSError as error:
                 unsupported = error
                 continue
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
+            opened.append(sock)
+            if customers_queue and port:
+                # SO_REUSEPORT would let this socket share the port with another relay
+                # started by mistake: make sure nobody listens there first.
+                _bind_alone(family, kind, proto, address)
+            _listen(sock, address, backlog, reuse_port=customers_queue)
+            customers = _customers_queue(sock, backlog) if customers_queue else None
+            if customers is not None:
+                opened.append(customers)
+            pairs.append((sock, customers))
     except OSError:
-        for sock in sockets:
+        for sock in opened:
             sock.close()
         raise
-    if not sockets:
+    if not pairs:
         raise unsupported or OSError(errno.EADDRNOTAVAIL, "no address to listen on")
-    return sockets
+    return pairs
+
+
+def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    sock.setblocking(False)
+
+
+def _bind_alone(family: int, kind: int, proto: int, address: Any) -> None:
+    """Raises EADDRINUSE when some socket listens on `address`, whatever its options."""
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
+
+
+def _customers_queue(common: socket.socket, backlog: int) -> socket.socket | None:
+    """A second socket in `common`'s SO_REUSEPORT group, listened after it; None if the
+    kernel will not have it (the relay then runs with one queue, as before)."""
+    sock = socket.socket(common.family, common.type, common.proto)
+    try:
+        _listen(sock, common.getsockname(), backlog, reuse_port=True)
+    except OSError as error:
+        sock.close()
+        log.warning("one accept queue on %s, no customers' queue: %s", common.getsockname(), error)
+        return None
+    return sock
 
 
 class Door:

@@ -18,8 +18,8 @@ import uvloop.loop as uvloop_loop
 
 from mailfence.config import Config, Listener
 from mailfence.defense import Action, ConnectVerdict, Defense
-from mailfence.defense.net import IPAddress, parse_ip
-from mailfence.smtp import replies
+from mailfence.defense.net import IPAddress, IPNetwork, parse_ip
+from mailfence.smtp import replies, steering
 from mailfence.smtp.door import Door, open_listening_sockets, refuse
 from mailfence.smtp.handler import RelayHandler
 from mailfence.smtp.session import RelaySMTP
@@ -164,6 +164,10 @@ class Listeners:
         self.phases: Counter[str] = Counter()  # live sessions per phase
         self.open_connections = 0  # admitted, including those still in a TLS handshake
         self.doors: list[Door] = []
+        self.accepted_from: Counter[str] = Counter()  # connections accepted per queue
+        self.steered: list[socket.socket] = []  # the customers' queues (steering.py)
+        self.steered_networks: list[IPNetwork] = []
+        self.steering_error = ""
         self._first_doors: list[Door] = []  # per listener, in config order
         self.draining = False
         # Admitted connections whose transport is being made (bounded by max_connections).
@@ -280,7 +284,13 @@ class Listeners:
     async def start(self) -> None:
         for index, listener in enumerate(self.config.listen):
             try:
-                sockets = open_listening_sockets(listener.host, listener.port, backlog=1024)
+                pairs = open_listening_sockets(
+                    listener.host,
+                    listener.port,
+                    backlog=1024,
+                    # Behind a proxy the kernel sees only the proxy's address.
+                    customers_queue=not listener.proxy_protocol,
+                )
             except OSError as error:
                 await self.close()
                 reason = (
@@ -292,17 +302,55 @@ class Listeners:
                     f"{self.config.source}: listen[{index}].address: {listener.address} {reason};"
                     " fix: stop the other process or choose another address"
                 ) from None
-            doors = [Door(sock, self._accepted_on(listener)) for sock in sockets]
+            doors = [Door(common, self._accepted_on(listener, "common")) for common, _ in pairs]
+            for _, customers in pairs:
+                if customers is not None:
+                    doors.append(Door(customers, self._accepted_on(listener, "customers")))
+                    self.steered.append(customers)
             for door in doors:
                 door.open()
             self.doors.extend(doors)
             self._first_doors.append(doors[0])
+        self.steer(self.steered_networks)
 
-    def _accepted_on(self, listener: Listener) -> Callable[[socket.socket, Any], None]:
+    def _accepted_on(self, listener: Listener, queue: str) -> Callable[[socket.socket, Any], None]:
+        accepted_from = self.accepted_from
+
         def accepted(connection: socket.socket, peer: Any) -> None:
+            accepted_from[queue] += 1
             self.accepted(listener, connection, peer)
 
         return accepted
+
+    def steer(self, networks: list[IPNetwork]) -> None:
+        """Sends connections from `networks` to the customers' queues (steering.py)."""
+        self.steered_networks = networks
+        for sock in self.steered:
+            code, held = steering.program(sock.family, networks)
+            try:
+                steering.attach(sock, code)
+            except OSError as error:
+                if self.steering_error != str(error):
+                    log.warning(
+                        "customers' queue on %s not steered (%s): connections are spread over"
+                        " both queues, customers get no priority at the door",
+                        sock.getsockname()[0],
+                        error,
+                    )
+                self.steering_error = str(error)
+                continue
+            self.steering_error = ""
+            wanted = sum(
+                1 for n in networks if n.version == (6 if sock.family == socket.AF_INET6 else 4)
+            )
+            if held < wanted:
+                log.warning(
+                    "customers' queue on %s: %d of %d known networks fit its program; the rest"
+                    " wait in the common queue (and are let in all the same)",
+                    sock.getsockname()[0],
+                    held,
+                    wanted,
+                )
 
     def bound_ports(self) -> list[int]:
         """The ports actually bound, in listener order (useful when the config says port 0).
@@ -322,3 +370,4 @@ class Listeners:
             await asyncio.wait(set(self._opening), timeout=OPENING_GRACE)
         self.doors.clear()
         self._first_doors.clear()
+        self.steered.clear()

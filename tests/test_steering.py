@@ -1,0 +1,180 @@
+"""The customers' accept queue: the kernel sends known networks' connections past the bots'."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mailfence.defense.net import IPNetwork
+from mailfence.smtp import steering
+from mailfence.smtp.door import ACCEPT_BATCH, open_listening_sockets
+from mailfence.testing import RunningRelay
+
+from .test_defense_e2e import send_as_alice
+
+
+def networks(*texts: str) -> list[IPNetwork]:
+    return [ipaddress.ip_network(text) for text in texts]
+
+
+@contextlib.contextmanager
+def pair(host: str = "127.0.0.1") -> Iterator[tuple[socket.socket, socket.socket]]:
+    [(common, customers)] = open_listening_sockets(host, 0, backlog=64, customers_queue=True)
+    try:
+        assert customers is not None
+        yield common, customers
+    finally:
+        common.close()
+        if customers is not None:
+            customers.close()
+
+
+def queue_of(
+    common: socket.socket, customers: socket.socket, source: str, family: int = socket.AF_INET
+) -> str:
+    """Connects from `source` and says which queue the connection landed in."""
+    with socket.socket(family) as client:
+        client.bind((source, 0))
+        client.connect(common.getsockname()[:2])
+        ready, _, _ = select.select([common, customers], [], [], 5)
+        assert len(ready) == 1, ready
+        connection, _ = ready[0].accept()
+        connection.close()
+        return "customers" if ready[0] is customers else "common"
+
+
+def test_known_networks_land_in_the_customers_queue_and_the_rest_in_the_common_one() -> None:
+    with pair() as (common, customers):
+        # No program yet, as when the relay starts: everything in the common queue.
+        steering.attach(common, steering.program(socket.AF_INET, [])[0])
+        assert queue_of(common, customers, "127.10.0.5") == "common"
+        code, held = steering.program(
+            socket.AF_INET, networks("127.10.0.0/24", "127.66.5.7/32", "::/64", "127.66.5.7/32")
+        )
+        assert held == 2  # the IPv6 network is for the IPv6 sockets; the repeat is dropped
+        steering.attach(customers, code)  # any socket of the group takes it
+        assert queue_of(common, customers, "127.10.0.5") == "customers"
+        assert queue_of(common, customers, "127.10.0.250") == "customers"
+        assert queue_of(common, customers, "127.66.5.7") == "customers"
+        assert queue_of(common, customers, "127.66.5.8") == "common"
+        assert queue_of(common, customers, "127.10.1.5") == "common"
+        steering.attach(common, steering.program(socket.AF_INET, networks("0.0.0.0/0"))[0])
+        assert queue_of(common, customers, "127.99.0.1") == "customers"
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv6_sources_are_matched_on_all_128_bits() -> None:
+    with pair("::1") as (common, customers):
+        for steered, expected in (
+            (networks("::/64"), "customers"),
+            (networks("::1/128"), "customers"),
+            (networks("::2/128", "127.0.0.0/8"), "common"),
+            (networks("0:0:0:1::/64"), "common"),
+            (networks("::/0"), "customers"),
+        ):
+            steering.attach(common, steering.program(socket.AF_INET6, steered)[0])
+            assert queue_of(common, customers, "::1", socket.AF_INET6) == expected, steered
+
+
+def test_networks_past_the_programs_room_are_left_out_and_the_kernel_takes_the_rest() -> None:
+    many_v4 = [ipaddress.ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(3000)]
+    many_v6 = [ipaddress.ip_network(f"2001:db8::{i:x}/128") for i in range(3000)]
+    with pair() as (common, _):
+        code, held = steering.program(socket.AF_INET, many_v4)
+        assert 0 < held < len(many_v4)
+        assert len(code) // 8 <= steering.MAX_INSTRUCTIONS
+        steering.attach(common, code)
+    if ipv6_loopback():
+        with pair("::1") as (common, _):
+            code, held = steering.program(socket.AF_INET6, many_v6)
+            assert 0 < held < len(many_v6)
+            steering.attach(common, code)  # the longest blocks still fit the kernel's limits
+
+
+def test_a_port_someone_listens_on_is_refused_not_shared() -> None:
+    """SO_REUSEPORT would let two relays share a port and split its mail between them."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        port = other.getsockname()[1]
+        with pytest.raises(OSError) as raised:
+            open_listening_sockets("127.0.0.1", port, backlog=8, customers_queue=True)
+        assert raised.value.errno == errno.EADDRINUSE
+    [(common, customers)] = open_listening_sockets("127.0.0.1", port, 8, customers_queue=True)
+    try:
+        with pytest.raises(OSError) as raised:
+            open_listening_sockets("127.0.0.1", port, backlog=8, customers_queue=True)
+        assert raised.value.errno == errno.EADDRINUSE
+    finally:
+        common.close()
+        assert customers is not None
+        customers.close()
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_customer_is_accepted_ahead_of_a_queue_of_strangers(relay: RunningRelay) -> None:
+    listeners = relay.server.listeners
+    order: list[str] = []
+    accepted = listeners.accepted
+
+    def recording(listener: Any, connection: socket.socket, peer: Any) -> None:
+        order.append(peer[0])
+        accepted(listener, connection, peer)
+
+    listeners.accepted = recording  # type: ignore[method-assign]
+    # A first login from 127.20.0.5 makes its /24 known: within a second (housekeeping) its
+    # connections go to the customers' queue.
+    assert send_as_alice(relay, "127.20.0.5") == 250
+    wait_for(lambda: ipaddress.ip_network("127.20.0.0/24") in listeners.steered_networks)
+    before = listeners.accepted_from["customers"]
+    assert send_as_alice(relay, "127.20.0.9") == 250
+    assert listeners.accepted_from["customers"] == before + 1
+
+    # Hold the event loop while 150 strangers and then the customer connect: the kernel
+    # completes them all into the backlogs. When the loop runs again, the customer's
+    # connection must be among the first accepted, not behind the 150.
+    release = threading.Event()
+    relay.call(lambda: release.wait(10))
+    strangers: list[socket.socket] = []
+    try:
+        for n in range(150):
+            sock = socket.socket()
+            strangers.append(sock)
+            sock.bind((f"127.30.{n // 100}.{n % 100 + 1}", 0))
+            sock.connect(("127.0.0.1", relay.starttls_port))
+        order.clear()
+        customer = socket.create_connection(
+            ("127.0.0.1", relay.starttls_port), timeout=10, source_address=("127.20.0.7", 0)
+        )
+        release.set()
+        with customer:
+            assert customer.recv(1024).startswith(b"220")
+        assert "127.20.0.7" in order[: ACCEPT_BATCH + 1], order.index("127.20.0.7")
+    finally:
+        release.set()
+        for sock in strangers:
+            sock.close()
