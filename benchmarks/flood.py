@@ -50,6 +50,11 @@ AUTH is one attempt):
   timeout     no answer within 30 s (not answered);
   client      an error on the bots' side (e.g. no local port), not counted as an attempt.
 
+Each accepted message's time is also split into its steps (p50 / p99 per phase): connect to
+the greeting (waiting to be accepted: with the customers' queue, smtp/steering.py, not behind
+the bots), the STARTTLS exchange (EHLO, STARTTLS, the handshake, EHLO), AUTH, and MAIL to
+the 250 (MAIL, RCPT, DATA, the message and the spool's commit).
+
 Loop lag: one idle session from the known-good address 127.10.0.1 sends NOOP every 20 ms for the
 whole run; its round trips are reported per phase.
 
@@ -255,8 +260,14 @@ class Message:
     customer: int
     ok: bool = False
     failure: str = ""
+    to_greeting: float = 0.0
+    to_tls: float = 0.0
     to_auth: float = 0.0
     to_250: float = 0.0
+
+
+def steps(record: Message) -> tuple[float, float]:
+    return record.to_greeting, record.to_tls
 
 
 async def send_one(
@@ -273,8 +284,10 @@ async def send_one(
         if (code := await conn.reply()) != 220:
             record.failure = f"greeting {code}"
             return
+        record.to_greeting = time.perf_counter() - started
         stage = "starttls"
         await conn.starttls(tls)
+        record.to_tls = time.perf_counter() - started
         stage = "auth"
         code = await conn.command(auth_plain(user, password))
         record.to_auth = time.perf_counter() - started
@@ -369,7 +382,8 @@ def customer_process(
     results.put(
         {
             "messages": [
-                (r.scheduled, r.customer, r.ok, r.failure, r.to_auth, r.to_250) for r in records
+                (r.scheduled, r.customer, r.ok, r.failure, r.to_auth, r.to_250, *steps(r))
+                for r in records
             ],
             "probe": samples,
         }
@@ -792,8 +806,9 @@ class BotSummary:
         return [x for values in self.auth.values() for x in values]
 
 
-# (scheduled start, customer, accepted, failure, connect->AUTH reply, connect->250)
-MessageRow = tuple[float, int, bool, str, float, float]
+# (scheduled start, customer, accepted, failure, connect->AUTH reply, connect->250,
+#  connect->greeting, connect->end of STARTTLS)
+MessageRow = tuple[float, int, bool, str, float, float, float, float]
 
 
 @dataclass
@@ -928,7 +943,7 @@ def run_mode(
         mode=mode,
         hash_time=percentile(warm, 0.5),
         bounds=bounds,
-        messages=[(m[0], m[1], m[2], m[3], m[4], m[5]) for m in legit["messages"]],
+        messages=[(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]) for m in legit["messages"]],
         probe=[(when, rtt) for when, rtt in legit["probe"]],
         cpu=[cpu_between(samples[i], samples[i + 1]) for i in range(len(PHASES))],
         bot_cpu=bot_samples[2] - bot_samples[1],
@@ -1007,12 +1022,32 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
                 failures[key] = failures.get(key, 0) + 1
     for key, value in sorted(failures.items()):
         print(f"  legit failure {key} x{value}")
+    print("  legit p50 / p99 of each step, accepted messages (ms):")
+    for phase in range(len(PHASES)):
+        done = [m for m in by_phase[phase] if m[2]]
+        steps = {
+            "connect->greeting": [m[6] for m in done],
+            "STARTTLS (EHLO, STARTTLS, handshake, EHLO)": [m[7] - m[6] for m in done],
+            "AUTH": [m[4] - m[7] for m in done],
+            "MAIL..250": [m[5] - m[4] for m in done],
+        }
+        print(
+            f"    {PHASES[phase]:<9}"
+            + "; ".join(
+                f"{name} {percentile(values, 0.5) * 1000:.1f}"
+                f" / {percentile(values, 0.99) * 1000:.1f}"
+                for name, values in steps.items()
+                if values
+            )
+        )
     for phase in (1, 2, 3):
         slowest = sorted(by_phase[phase], key=lambda m: -max(m[4], m[5]))[:3]
         print(
-            f"  slowest legit messages in the {PHASES[phase]} (seconds into it: auth / 250 ms): "
+            f"  slowest legit messages in the {PHASES[phase]} (seconds into it: auth / 250 ms,"
+            " of which to the greeting / to the end of STARTTLS): "
             + ", ".join(
                 f"+{m[0] - result.bounds[phase]:.1f} s: {m[4] * 1000:.0f} / {m[5] * 1000:.0f}"
+                f" ({m[6] * 1000:.0f} / {m[7] * 1000:.0f})"
                 for m in slowest
             )
         )
