@@ -214,7 +214,7 @@ class Server:
                 self.metrics.stop()
             raise StartupError(str(error)) from None
         self.steered: tuple[int, tuple[IPNetwork, ...]] | None = None
-        self._steer()
+        await self._steer()
         self.ports = self.listeners.bound_ports()
         self.delivery_process: DeliveryProcess | None = None
         self.delivery_replacement: asyncio.Task[None] | None = None
@@ -648,7 +648,7 @@ class Server:
         if signature != self.defense_signature:
             await self._load_defense_state(initial=False)
             log.info("bans and allowlist reloaded: %d bans in force", len(self.defense.bans))
-        self._steer()
+        await self._steer()
         wall = time.time()
         change = self.defense.tick(wall)
         if change is not None:
@@ -668,13 +668,15 @@ class Server:
             self.defense.housekeeping(wall)
             await self.writer.run(lambda conn: defense_table.prune(conn, wall))
 
-    def _steer(self) -> None:
+    async def _steer(self) -> None:
         """Customers' networks to the customers' accept queues (smtp/steering.py), when
         they change: a first login from a new prefix, an allowlist change."""
-        steered = (self.defense.known_prefixes_added, tuple(self.defense.allowlist))
+        steered = (self.defense.known_prefix_count, tuple(self.defense.allowlist))
         if steered != self.steered:
             self.steered = steered
-            self.listeners.steer(self.defense.trusted_networks())
+            networks = self.defense.trusted_networks()
+            # Building and attaching a program of thousands of networks takes milliseconds.
+            await asyncio.to_thread(self.listeners.steer, networks)
 
     async def reload(self) -> None:
         """SIGHUP: users, the certificate, and the settings that can change live."""

@@ -87,8 +87,8 @@ class Defense:
         self.allowlist: list[IPNetwork] = list(config.allowlist)
         # (user, prefix) -> time of the last successful login from that prefix.
         self.known_good: dict[tuple[str, IPNetwork], float] = {}
+        # Prefixes with a known-good pair, in the order they became known (never removed).
         self._known_prefixes: Counter[IPNetwork] = Counter()
-        self.known_prefixes_added = 0  # changes when a prefix becomes known
         self.live_sources: Counter[IPNetwork] = Counter()
         self.live_prefixes: Counter[IPNetwork] = Counter()
         window = config.failure_window
@@ -150,13 +150,14 @@ class Defense:
     def is_known_good_source(self, address: IPAddress) -> bool:
         return self._known_prefixes[self.prefix_of(address)] > 0
 
+    @property
+    def known_prefix_count(self) -> int:
+        return len(self._known_prefixes)
+
     def trusted_networks(self) -> list[IPNetwork]:
         """The networks the door exempts from strangers' limits: the allowlist, then the
-        prefixes customers have logged in from, the most recent first."""
-        latest: dict[IPNetwork, float] = {}
-        for (_, prefix), when in self.known_good.items():
-            latest[prefix] = max(when, latest.get(prefix, 0.0))
-        return [*self.allowlist, *sorted(latest, key=lambda prefix: -latest[prefix])]
+        prefixes customers have logged in from, the latest to become known first."""
+        return [*self.allowlist, *reversed(self._known_prefixes)]
 
     def lane(self, username: str, address: IPAddress, now: float) -> Lane:
         last = self.known_good.get((username, self.prefix_of(address)))
@@ -373,8 +374,6 @@ class Defense:
         key = (username, prefix)
         if key not in self.known_good:
             self._known_prefixes[prefix] += 1
-            if self._known_prefixes[prefix] == 1:
-                self.known_prefixes_added += 1
         self.known_good[key] = max(when, self.known_good.get(key, 0.0))
 
     # --- bans ----------------------------------------------------------------------------

@@ -66,8 +66,8 @@ def open_listening_sockets(
                 # SO_REUSEPORT would let this socket share the port with another relay
                 # started by mistake: make sure nobody listens there first.
                 _bind_alone(family, kind, proto, address)
-            _listen(sock, address, backlog, reuse_port=customers_queue)
-            customers = _customers_queue(sock, backlog) if customers_queue else None
+            shared = _listen(sock, address, backlog, reuse_port=customers_queue)
+            customers = _customers_queue(sock, backlog) if shared else None
             if customers is not None:
                 opened.append(customers)
             pairs.append((sock, customers))
@@ -80,15 +80,21 @@ def open_listening_sockets(
     return pairs
 
 
-def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -> None:
+def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -> bool:
+    """Binds and listens; returns whether SO_REUSEPORT was set (if asked for and allowed)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        except OSError as error:
+            log.warning("one accept queue on %s, no customers' queue: %s", address, error)
+            reuse_port = False
     sock.bind(address)
     sock.listen(backlog)
     sock.setblocking(False)
+    return reuse_port
 
 
 def _bind_alone(family: int, kind: int, proto: int, address: Any) -> None:

@@ -167,7 +167,7 @@ class Listeners:
         self.accepted_from: Counter[str] = Counter()  # connections accepted per queue
         self.steered: list[socket.socket] = []  # the customers' queues (steering.py)
         self.steered_networks: list[IPNetwork] = []
-        self.steering_error = ""
+        self._steering_reports: dict[socket.socket, str] = {}  # the last warning, per queue
         self._first_doors: list[Door] = []  # per listener, in config order
         self.draining = False
         # Admitted connections whose transport is being made (bounded by max_connections).
@@ -323,34 +323,31 @@ class Listeners:
         return accepted
 
     def steer(self, networks: list[IPNetwork]) -> None:
-        """Sends connections from `networks` to the customers' queues (steering.py)."""
+        """Sends connections from `networks` to the customers' queues (steering.py). It
+        builds and attaches the programs: run it in a thread, not on the event loop."""
         self.steered_networks = networks
         for sock in self.steered:
-            code, held = steering.program(sock.family, networks)
+            name = sock.getsockname()[0]
             try:
-                steering.attach(sock, code)
+                held = steering.install(sock, networks)
             except OSError as error:
-                if self.steering_error != str(error):
-                    log.warning(
-                        "customers' queue on %s not steered (%s): connections are spread over"
-                        " both queues, customers get no priority at the door",
-                        sock.getsockname()[0],
-                        error,
-                    )
-                self.steering_error = str(error)
-                continue
-            self.steering_error = ""
-            wanted = sum(
-                1 for n in networks if n.version == (6 if sock.family == socket.AF_INET6 else 4)
-            )
-            if held < wanted:
-                log.warning(
-                    "customers' queue on %s: %d of %d known networks fit its program; the rest"
-                    " wait in the common queue (and are let in all the same)",
-                    sock.getsockname()[0],
-                    held,
-                    wanted,
+                report = (
+                    f"customers' queue on {name}: the kernel refused its program ({error});"
+                    " it keeps the one it had (at start: none, and connections are spread"
+                    " over both queues)"
                 )
+            else:
+                version = 6 if sock.family == socket.AF_INET6 else 4
+                wanted = len({n for n in networks if n.version == version})
+                report = (
+                    f"customers' queue on {name}: {held} of {wanted} known networks fit its"
+                    " program; the rest wait in the common queue (and are let in all the same)"
+                    if held < wanted
+                    else ""
+                )
+            if report and report != self._steering_reports.get(sock):
+                log.warning("%s", report)
+            self._steering_reports[sock] = report
 
     def bound_ports(self) -> list[int]:
         """The ports actually bound, in listener order (useful when the config says port 0).
