@@ -86,11 +86,15 @@ def open_listening_sockets(
     return pairs
 
 
-def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -> bool:
-    """Binds and listens; returns whether SO_REUSEPORT was set (if asked for and allowed)."""
+def _set_options(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -> bool:
+    """Binds and listens; returns whether SO_REUSEPORT was set (if asked for and allowed)."""
+    _set_options(sock)
     if reuse_port:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -106,9 +110,7 @@ def _listen(sock: socket.socket, address: Any, backlog: int, reuse_port: bool) -
 def _bind_alone(family: int, kind: int, proto: int, address: Any) -> None:
     """Raises EADDRINUSE when some socket listens on `address`, whatever its options."""
     with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _set_options(probe)
         probe.bind(address)
 
 

@@ -311,7 +311,6 @@ class Listeners:
                 door.open()
             self.doors.extend(doors)
             self._first_doors.append(doors[0])
-        self.steer(self.steered_networks)
 
     def _accepted_on(self, listener: Listener, queue: str) -> Callable[[socket.socket, Any], None]:
         accepted_from = self.accepted_from
