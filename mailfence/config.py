@@ -70,7 +70,7 @@ class AuthConfig:
     failure_reply: FailureReply = "temporary"
     verify_threads: int = 2
     verify_threads_unknown: int = 1
-    verify_queue: int = 2
+    verify_queue: int = 0
     verify_queue_known: int = 256
     cache_ttl: float = 3600.0
     argon2_time_cost: int = 2

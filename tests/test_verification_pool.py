@@ -199,3 +199,48 @@ def test_decoys_take_as_long_as_a_stranger_waits_in_a_busy_lane() -> None:
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_by_default_a_stranger_is_hashed_at_once_or_told_busy_at_once() -> None:
+    """The shipped defaults keep no strangers' queue: while a stranger's hash runs, another
+    stranger is answered BUSY without waiting behind it; the same credentials retried from
+    the same source go to the retry lane and are checked."""
+    from mailfence import auth
+    from mailfence.auth import Accounts, Authenticator, CredentialCache, Outcome
+    from mailfence.config import AuthConfig
+    from mailfence.store.users import User
+
+    defaults = AuthConfig()
+    assert defaults.verify_queue == 0
+    users = {
+        name: User(name, SLOW.hash(SECRET), (), disabled=False, updated=0.0)
+        for name in ("alice", "bob")
+    }
+
+    async def main() -> None:
+        accounts = Accounts(lambda: users)
+        await accounts.reload()
+        pool = VerificationPool(
+            SLOW,
+            defaults.verify_threads,
+            defaults.verify_queue_known,
+            defaults.verify_queue,
+            defaults.verify_threads_unknown,
+        )
+        authenticator = Authenticator(accounts, CredentialCache(60.0), pool)
+        bot = asyncio.create_task(authenticator.check("alice", b"guess", source="203.0.113.9"))
+        await asyncio.sleep(0)
+        assert pool.busy_by_lane["unknown"] == 1
+        newcomer = await authenticator.check("bob", SECRET, source="198.51.100.7")
+        assert newcomer.outcome is Outcome.BUSY
+        assert not bot.done()  # answered while the stranger's hash still ran: no wait
+        assert not pool.waiting["unknown"]
+        # A mail server retries a few seconds later: served ahead of the strangers.
+        ticket = ("198.51.100.7", authenticator.cache.fingerprint("bob", SECRET))
+        authenticator.retry_tickets[ticket] -= auth.RETRY_TICKET_MIN_AGE
+        retried = await authenticator.check("bob", SECRET, source="198.51.100.7")
+        assert retried.outcome is Outcome.OK and retried.lane == "retry"
+        assert (await bot).outcome is Outcome.BAD_CREDENTIALS
+        pool.shutdown()
+
+    asyncio.run(main())
