@@ -364,12 +364,12 @@ def test_a_new_customer_refused_at_the_door_in_a_flood_gets_in_on_retry() -> Non
 
 
 def test_the_door_memory_of_refused_strangers_is_bounded() -> None:
-    from mailfence.defense import core as core_module
+    from mailfence.defense import strangers
 
     core = defense(unknown_connections_per_second=1)
-    for n in range(core_module.MAX_REMEMBERED_REFUSALS + 50):
+    for n in range(strangers.MAX_REMEMBERED_REFUSALS + 50):
         core.on_connect(ipaddress.IPv4Address(0x0B000000 + n), 5.0, 0, 1000)
-    assert len(core._door_refused) <= core_module.MAX_REMEMBERED_REFUSALS
+    assert len(core.strangers) == strangers.MAX_REMEMBERED_REFUSALS
 
 
 def test_a_clock_stepped_back_does_not_drain_the_strangers_rate() -> None:

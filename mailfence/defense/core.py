@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from mailfence.config import DefenseConfig
 from mailfence.defense.bans import Ban, BanBook, escalated_duration
 from mailfence.defense.net import IPAddress, IPNetwork, host_network, prefix_network
-from mailfence.defense.windows import DistinctWindow, EventWindow, TokenBucket
+from mailfence.defense.strangers import StrangersDoor
+from mailfence.defense.windows import DistinctWindow, EventWindow
 
 log = logging.getLogger("mailfence.defense")
 
@@ -29,9 +30,6 @@ ATTACK_SOURCES_WINDOW = 300.0
 LEVEL_MEMORY = 7 * 86400.0  # a repeat offender within a week gets a longer ban
 MAX_REMEMBERED_LEVELS = 100_000
 NETWORK_CACHE_SIZE = 65_536
-PATIENT_RETRY_AFTER = 10.0  # seconds: a mail server's retry, not a bot's reconnect
-PATIENT_MEMORY = 3600.0
-MAX_REMEMBERED_REFUSALS = 100_000
 
 
 class Action(enum.Enum):
@@ -94,11 +92,7 @@ class Defense:
         window = config.failure_window
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
-        # A tenth of a second's worth at once: the TLS handshakes of admitted strangers are
-        # spread out instead of arriving on the event loop together.
-        self._rate_unknown = TokenBucket(
-            config.unknown_connections_per_second, config.unknown_connections_per_second / 10
-        )
+        self.strangers = StrangersDoor(config.unknown_connections_per_second)
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -113,9 +107,6 @@ class Defense:
         self._calm_since: float | None = None
         self.counters = DefenseCounters()
         self._network_cache: dict[IPAddress, tuple[IPNetwork, IPNetwork]] = {}
-        self._door_refused: dict[IPAddress, float] = {}  # stranger -> last refusal at the door
-        patient_rate = max(1.0, config.unknown_connections_per_second / 5)
-        self._rate_patient = TokenBucket(patient_rate, patient_rate)
 
     @property
     def monitor(self) -> bool:
@@ -225,25 +216,11 @@ class Defense:
             return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
         # All strangers together, last: a flood from thousands of addresses never reaches any
         # one address's limit, but each admitted connection costs a TLS handshake.
-        if not self._rate_unknown.take(now) and not self._patient_stranger(address, now):
+        if not self.strangers.admit(address, now):
             return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
         self._rate_source.add(source, now)
         self._rate_prefix.add(prefix, now)
         return ConnectVerdict(Action.ALLOW)
-
-    def _patient_stranger(self, address: IPAddress, now: float) -> bool:
-        """A stranger turned away by the strangers' rate that came back like a mail server
-        does (after PATIENT_RETRY_AFTER seconds, not at once) gets a door of its own, so a
-        customer's first connection during a flood gets in on a retry. A bot reconnecting at
-        once keeps resetting its clock and never qualifies; the door has its own rate."""
-        last = self._door_refused.pop(address, None)
-        patient = last is not None and PATIENT_RETRY_AFTER <= now - last <= PATIENT_MEMORY
-        if patient and self._rate_patient.take(now):
-            return True
-        self._door_refused[address] = now
-        if len(self._door_refused) > MAX_REMEMBERED_REFUSALS:
-            del self._door_refused[next(iter(self._door_refused))]  # dicts keep order: oldest
-        return False
 
     def on_disconnect(self, address: IPAddress) -> None:
         source, prefix = self._networks(address)

@@ -1,0 +1,49 @@
+"""The strangers' shared door: how many new connections all unknown sources together get.
+
+A flood from thousands of addresses never reaches any one address's limit, but each admitted
+connection costs a TLS handshake; so strangers (neither allowlisted nor from a network a
+customer has logged in from) share one rate. A stranger turned away by it that comes back the
+way a mail server does (PATIENT_RETRY_AFTER seconds later, not at once) gets a door of its
+own, so a customer's first connection during a flood gets in on a retry.
+
+Pure: the clock is an argument. It needs nothing but the address, so it can stand wherever
+the strangers' connections are accepted.
+"""
+
+from __future__ import annotations
+
+from mailfence.defense.net import IPAddress
+from mailfence.defense.windows import TokenBucket
+
+PATIENT_RETRY_AFTER = 10.0  # seconds: a mail server's retry, not a bot's reconnect
+PATIENT_MEMORY = 3600.0
+MAX_REMEMBERED_REFUSALS = 100_000
+
+
+class StrangersDoor:
+    def __init__(self, per_second: float) -> None:
+        # A tenth of a second's worth at once: the TLS handshakes of admitted strangers are
+        # spread out instead of arriving on the event loop together.
+        self._rate = TokenBucket(per_second, per_second / 10)
+        # The patient door has a rate of its own: bots could learn to wait, too.
+        patient = max(1.0, per_second / 5)
+        self._patient_rate = TokenBucket(patient, patient)
+        self._refused: dict[IPAddress, float] = {}  # stranger -> its last refusal here
+
+    def admit(self, address: IPAddress, now: float) -> bool:
+        return self._rate.take(now) or self._patient(address, now)
+
+    def _patient(self, address: IPAddress, now: float) -> bool:
+        # A bot reconnecting at once keeps resetting its clock and never qualifies.
+        last = self._refused.pop(address, None)
+        patient = last is not None and PATIENT_RETRY_AFTER <= now - last <= PATIENT_MEMORY
+        if patient and self._patient_rate.take(now):
+            return True
+        self._refused[address] = now
+        if len(self._refused) > MAX_REMEMBERED_REFUSALS:
+            del self._refused[next(iter(self._refused))]  # dicts keep order: the oldest
+        return False
+
+    def __len__(self) -> int:
+        """Strangers remembered as refused (bounded by MAX_REMEMBERED_REFUSALS)."""
+        return len(self._refused)
