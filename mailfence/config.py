@@ -112,6 +112,7 @@ class DefenseConfig:
     connection_rate_per_prefix: int = 300
     connection_rate_window: float = 60.0
     unknown_connections_per_second: int = 50
+    door_process: bool = False
     known_good_reserved: float = 0.2
     known_good_window: float = 30 * 86400.0
     auth_attempts_per_session: int = 3
@@ -228,6 +229,7 @@ RESTART_ONLY = frozenset(
         "defense.connection_rate_window",
         "defense.failure_window",
         "defense.unknown_connections_per_second",
+        "defense.door_process",
         "defense.ipv4_prefix",
         "defense.ipv6_prefix",
         "defense.negative_cache_ttl",
@@ -652,6 +654,7 @@ def _defense(sec: _Section) -> DefenseConfig:
         unknown_connections_per_second=sec.integer(
             "unknown_connections_per_second", d.unknown_connections_per_second, 1
         ),
+        door_process=sec.flag("door_process", d.door_process),
         known_good_reserved=sec.number("known_good_reserved", d.known_good_reserved, 0.0, 0.9),
         known_good_window=sec.duration("known_good_window", d.known_good_window),
         auth_attempts_per_session=sec.integer(

@@ -649,6 +649,7 @@ class Server:
             await self._load_defense_state(initial=False)
             log.info("bans and allowlist reloaded: %d bans in force", len(self.defense.bans))
         await self._steer()
+        self.listeners.check_door_process()
         wall = time.time()
         change = self.defense.tick(wall)
         if change is not None:
@@ -741,6 +742,7 @@ class Server:
         self.config = new
         self.handler.config = new
         self.listeners.config = new  # and through it, every new session
+        self.listeners.door_process_wanted(new)  # monitor mode, a new allowlist: restarted
         self.observer.config = new
         logging.getLogger("mailfence").setLevel(LEVELS[new.log.level.lower()])
         self.defense.config = new.defense

@@ -158,10 +158,16 @@ class Defense:
     # --- connections -------------------------------------------------------------------
 
     def on_connect(
-        self, address: IPAddress, now: float, live_total: int, max_total: int
+        self,
+        address: IPAddress,
+        now: float,
+        live_total: int,
+        max_total: int,
+        strangers_checked: bool = False,
     ) -> ConnectVerdict:
-        """Decides at accept time, before TLS or any session exists."""
-        verdict = self._connect_verdict(address, now, live_total, max_total)
+        """Decides at accept time, before TLS or any session exists. `strangers_checked`:
+        the strangers' door already let this one in (in its own process, strangers_door.py)."""
+        verdict = self._connect_verdict(address, now, live_total, max_total, strangers_checked)
         if verdict.action is not Action.ALLOW:
             self.counters.connections_refused[verdict.action.value] += 1
             if self.monitor:
@@ -176,7 +182,12 @@ class Defense:
         return verdict
 
     def _connect_verdict(
-        self, address: IPAddress, now: float, live_total: int, max_total: int
+        self,
+        address: IPAddress,
+        now: float,
+        live_total: int,
+        max_total: int,
+        strangers_checked: bool = False,
     ) -> ConnectVerdict:
         if self.allowed(address):
             return ConnectVerdict(Action.ALLOW, "allowlisted", known_good=True)
@@ -216,7 +227,7 @@ class Defense:
             return ConnectVerdict(Action.LIMIT, "slots left are reserved for known sources")
         # All strangers together, last: a flood from thousands of addresses never reaches any
         # one address's limit, but each admitted connection costs a TLS handshake.
-        if not self.strangers.admit(address, now):
+        if not strangers_checked and not self.strangers.admit(address, now):
             return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
         self._rate_source.add(source, now)
         self._rate_prefix.add(prefix, now)

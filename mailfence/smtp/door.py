@@ -134,6 +134,7 @@ class Door:
         self.sock = sock
         self.accepted = accepted
         self.paused = False  # out of resources: not watching the socket for a moment
+        self.held = False  # another process accepts from this socket (strangers_door.py)
         self.closed = False
         self._pauses_unreported = 0  # pauses since the last warning (one per episode)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -151,6 +152,23 @@ class Door:
     def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self.accept_batch)
+
+    def hold(self) -> None:
+        """Stops accepting, keeping the socket (another process accepts from it meanwhile)."""
+        if self.held or self.closed or self._loop is None:
+            return
+        self.held = True
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if not self.paused:
+            self._loop.remove_reader(self.sock.fileno())
+        self.paused = False
+
+    def resume(self) -> None:
+        if self.held and not self.closed and self._loop is not None:
+            self.held = False
+            self._loop.add_reader(self.sock.fileno(), self.accept_batch)
 
     def accept_batch(self) -> int:
         """Accepts up to ACCEPT_BATCH waiting connections; returns how many it accepted."""
@@ -178,7 +196,7 @@ class Door:
         return ACCEPT_BATCH
 
     def _pause(self, error: OSError) -> None:
-        if self.paused or self.closed or self._loop is None:
+        if self.paused or self.held or self.closed or self._loop is None:
             return
         if not self._pauses_unreported:  # once per episode, not ten times a second
             log.warning(
@@ -196,7 +214,7 @@ class Door:
     def _unpause(self) -> None:
         self.paused = False
         self._resume = None
-        if not self.closed and self._loop is not None:
+        if not self.closed and not self.held and self._loop is not None:
             self._loop.add_reader(self.sock.fileno(), self.accept_batch)
 
     def close(self) -> None:
@@ -205,7 +223,7 @@ class Door:
         self.closed = True
         if self._resume is not None:
             self._resume.cancel()
-        if self._loop is not None and not self.paused:
+        if self._loop is not None and not self.paused and not self.held:
             self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 

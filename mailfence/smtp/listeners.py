@@ -23,6 +23,7 @@ from mailfence.smtp import replies, steering
 from mailfence.smtp.door import Door, open_listening_sockets, refuse
 from mailfence.smtp.handler import RelayHandler
 from mailfence.smtp.session import RelaySMTP
+from mailfence.smtp.strangers_door import StrangersDoorProcess
 
 log = logging.getLogger("mailfence.smtp")
 
@@ -169,13 +170,25 @@ class Listeners:
         self.steered_networks: list[IPNetwork] = []
         self._steering_reports: dict[socket.socket, str] = {}  # the last warning, per queue
         self._first_doors: list[Door] = []  # per listener, in config order
+        # The common queues' sockets, their listeners and doors, for the strangers' door
+        # process (strangers_door.py); the doors accept while it is not running.
+        self._common: list[tuple[Listener, socket.socket, Door]] = []
+        self.strangers_door: StrangersDoorProcess | None = None
         self.draining = False
         # Admitted connections whose transport is being made (bounded by max_connections).
         self._opening: set[asyncio.Task[None]] = set()
 
-    def accepted(self, listener: Listener, connection: socket.socket, peer: Any) -> None:
+    def accepted(
+        self,
+        listener: Listener,
+        connection: socket.socket,
+        peer: Any,
+        strangers_checked: bool = False,
+    ) -> None:
         """A door's callback: refuse on the spot (a send and a close, no transport) or make
-        a transport for the admitted connection, in a task so the door's batch goes on."""
+        a transport for the admitted connection, in a task so the door's batch goes on.
+        `strangers_checked`: passed on by the strangers' door process, which took it out of
+        the strangers' shared rate already."""
         if self.draining:
             refuse(connection, _SHUTTING_DOWN)
             return
@@ -192,7 +205,7 @@ class Listeners:
                 return
             self.open_connections += 1
         else:
-            verdict = self.admit(address)
+            verdict = self.admit(address, strangers_checked)
             if verdict.action is not Action.ALLOW:
                 refuse(connection, _CONNECT_LINE[verdict.action])
                 return
@@ -216,13 +229,15 @@ class Listeners:
             if not isinstance(error, OSError):
                 log.exception("could not open a transport for %s", address)
 
-    def admit(self, address: IPAddress) -> ConnectVerdict:
+    def admit(self, address: IPAddress, strangers_checked: bool = False) -> ConnectVerdict:
         """The gate: allowlist, bans, the global limit, then the defense's own limits."""
         max_total = self.config.smtp.max_connections
         if self.open_connections >= max_total and not self.defense.allowed(address):
             self.defense.counters.connections_refused["global limit"] += 1
             return ConnectVerdict(Action.LIMIT, "global connection limit")
-        verdict = self.defense.on_connect(address, time.time(), self.open_connections, max_total)
+        verdict = self.defense.on_connect(
+            address, time.time(), self.open_connections, max_total, strangers_checked
+        )
         if verdict.action is Action.ALLOW:
             self.open_connections += 1
         return verdict
@@ -303,14 +318,58 @@ class Listeners:
                     " fix: stop the other process or choose another address"
                 ) from None
             doors = [Door(common, self._accepted_on(listener, "common")) for common, _ in pairs]
-            for _, customers in pairs:
+            for door, (common, customers) in zip(list(doors), pairs, strict=True):
                 if customers is not None:
                     doors.append(Door(customers, self._accepted_on(listener, "customers")))
                     self.steered.append(customers)
+                    self._common.append((listener, common, door))
             for door in doors:
                 door.open()
             self.doors.extend(doors)
             self._first_doors.append(doors[0])
+        self.door_process_wanted(self.config)
+
+    # --- the strangers' door process (strangers_door.py) ------------------------------------
+
+    def door_process_wanted(self, config: Config) -> None:
+        """Starts, stops or restarts the strangers' door process for `config`: it runs when
+        the defense enforces (in monitor mode the relay's gate logs what it would do) and
+        a listener has a customers' queue; a new defense configuration restarts it."""
+        wanted = (
+            config.defense.door_process
+            and config.defense.mode == "enforce"
+            and bool(self._common)
+            and not self.draining
+        )
+        running = self.strangers_door
+        if running is not None and (not wanted or running.config.defense != config.defense):
+            running.stop()
+            for _, _, door in self._common:
+                door.resume()
+            self.strangers_door = running = None
+        if wanted and running is None:
+            self.strangers_door = StrangersDoorProcess(
+                config,
+                [(index, sock) for index, (_, sock, _) in enumerate(self._common)],
+                [door for _, _, door in self._common],
+                self._passed,
+                self._counted,
+            )
+            self.strangers_door.start()
+
+    def _passed(self, index: int, connection: socket.socket, address: str) -> None:
+        listener = self._common[index][0]
+        self.accepted(listener, connection, (address, 0), strangers_checked=True)
+
+    def _counted(self, refused: Counter[str], accepted: int) -> None:
+        """What the strangers' door process did since its last report, into the figures the
+        relay shows (`stats`, `top`, metrics), as if its own door had done it."""
+        self.accepted_from["common"] += accepted
+        self.defense.counters.connections_refused.update(refused)
+
+    def check_door_process(self) -> None:
+        if self.strangers_door is not None:
+            self.strangers_door.check()
 
     def _accepted_on(self, listener: Listener, queue: str) -> Callable[[socket.socket, Any], None]:
         accepted_from = self.accepted_from
@@ -355,6 +414,9 @@ class Listeners:
 
     async def stop_accepting(self) -> None:
         self.draining = True
+        if self.strangers_door is not None:
+            self.strangers_door.stop()  # before the doors: no connection accepted after
+            self.strangers_door = None
         for door in self.doors:
             door.close()
 
@@ -366,4 +428,5 @@ class Listeners:
             await asyncio.wait(set(self._opening), timeout=OPENING_GRACE)
         self.doors.clear()
         self._first_doors.clear()
+        self._common.clear()
         self.steered.clear()

@@ -1,0 +1,341 @@
+"""The strangers' door in a process of its own.
+
+A flood is thousands of connections a second from strangers, nearly all of them refused at
+the door. Each refusal is cheap, but on the relay's event loop they add up to most of its
+time, and every customer's reply waits behind them (benchmarks/flood.py: customers' p99 in
+the flood 1.9-2.6x the baseline with the door on the loop, 1.0-1.5x with it here).
+
+Customers' networks already have an accept queue of their own (steering.py), served by the
+relay. This child serves the other, common queue: it refuses banned sources and strangers
+over their shared rate (defense/strangers.py), and passes every other connection to the
+relay over a Unix socket (SCM_RIGHTS), where the full gate runs as before. The relay stays
+the authority: the child only sheds what it can decide alone, from the same database the
+relay's bans, allowlist and customers' networks are kept in.
+
+Messages on the channel (SOCK_SEQPACKET, one per datagram):
+  child -> relay: b"R" ready; b"P<listener> <address>" with a descriptor, a passed
+  connection; b"C" + JSON, its counts so far (cumulative).
+  relay -> child: nothing; the channel closing means the relay is gone, and the child exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import selectors
+import signal
+import socket
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from mailfence.config import Config
+from mailfence.defense.bans import BanBook
+from mailfence.defense.net import IPAddress, IPNetwork, parse_ip, prefix_network
+from mailfence.defense.strangers import StrangersDoor
+from mailfence.observe.logs import LEVELS, configure_logging
+from mailfence.smtp import replies
+from mailfence.smtp.door import Door, refuse
+from mailfence.store import connect
+from mailfence.store import defense as defense_table
+
+log = logging.getLogger("mailfence.smtp")
+
+# The child's CPU priority below the relay's: when the two cores are busy, the customers'
+# event loop comes first; the bots wait a little longer in the kernel's queue for their 421.
+NICE = 5
+ACCEPT_BATCH = 64  # per socket per turn: the child has nothing else to do between batches
+RELOAD_INTERVAL = 0.5  # seconds between looks at the bans' and allowlist's signature
+KNOWN_GOOD_INTERVAL = 5.0  # seconds between reloads of the customers' networks
+REPORT_INTERVAL = 1.0
+
+_LINES = {
+    "banned": replies.BANNED.encode() + b"\r\n",
+    "banned_permanent": replies.BANNED_PERMANENTLY.encode() + b"\r\n",
+    "limit": replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n",
+}
+
+Passed = Callable[[int, socket.socket, str], None]  # (listener index, connection, address)
+
+
+class StrangersDoorProcess:
+    """The relay's handle on the child: start it, take what it passes, watch it, stop it.
+
+    While the child is not running (starting, or dead until the next check), the relay's own
+    doors on the common queues accept as before: nothing waits for the child."""
+
+    def __init__(
+        self,
+        config: Config,
+        sockets: list[tuple[int, socket.socket]],
+        fallback: list[Door],
+        passed: Passed,
+        counted: Callable[[Counter[str], int], None],
+    ) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.fallback = fallback
+        self.passed = passed
+        self.counted = counted  # (refusals by action, connections accepted) since last call
+        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
+        self._process: BaseProcess | None = None
+        self._channel: socket.socket | None = None
+        self._reported: tuple[Counter[str], int] = (Counter(), 0)
+        self.ready = False
+        self.restarts = 0
+        self.wanted = False
+
+    def start(self) -> None:
+        self.wanted = True
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        level = logging.getLogger("mailfence").getEffectiveLevel()
+        process = self._context.Process(
+            target=_child_main,
+            args=(self.config, [sock for _, sock in self.sockets], child_end, level),
+            name="mailfence-strangers-door",
+            daemon=True,
+        )
+        try:
+            process.start()
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        parent_end.setblocking(False)
+        self._channel = parent_end
+        self._process = process
+        self._reported = (Counter(), 0)
+        asyncio.get_running_loop().add_reader(parent_end.fileno(), self._on_channel)
+
+    def _on_channel(self) -> None:
+        channel = self._channel
+        if channel is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                message, fds, _, _ = socket.recv_fds(channel, 512, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message, fds = b"", []
+            if not message and not fds:
+                self._gone()  # the child exited
+                return
+            if fds:
+                self._take(message, fds[0])
+            elif message == b"R":
+                self.ready = True
+                for door in self.fallback:  # the child accepts from here on
+                    door.hold()
+            elif message.startswith(b"C"):
+                self._count(message[1:])
+
+    def _take(self, message: bytes, fd: int) -> None:
+        connection = socket.socket(fileno=fd)
+        try:
+            index_text, address = message[1:].decode().split(" ", 1)
+            index = int(index_text)
+        except ValueError:
+            connection.close()
+            return
+        connection.setblocking(False)
+        self.passed(index, connection, address)
+
+    def _count(self, data: bytes) -> None:
+        try:
+            report = json.loads(data)
+            refused = Counter({str(k): int(v) for k, v in report["refused"].items()})
+            accepted = int(report["accepted"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        before_refused, before_accepted = self._reported
+        self._reported = (refused, accepted)
+        self.counted(refused - before_refused, accepted - before_accepted)
+
+    def _gone(self) -> None:
+        """The child is gone: the relay's own doors accept again until it is back."""
+        self.ready = False
+        if self._channel is not None:
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_reader(self._channel.fileno())
+            self._channel.close()
+            self._channel = None
+        for door in self.fallback:
+            door.resume()
+
+    def check(self) -> None:
+        """From housekeeping, once a second: a child that died is started again."""
+        if not self.wanted:
+            return
+        process = self._process
+        if process is not None and process.is_alive():
+            return
+        if process is not None:
+            log.warning(
+                "the strangers' door process exited (code %s); starting it again",
+                process.exitcode,
+            )
+            self.restarts += 1
+            self._gone()
+            process.join(0)
+        self.start()
+
+    def stop(self) -> None:
+        """The child stops accepting at once (it keeps nothing worth finishing)."""
+        self.wanted = False
+        process = self._process
+        if process is not None:
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+            process.join(5)
+            self._process = None
+        if self._channel is not None:
+            self._on_channel()  # its last counts
+        self.ready = False
+        if self._channel is not None:
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_reader(self._channel.fileno())
+            self._channel.close()
+            self._channel = None
+
+
+# --- the child ---------------------------------------------------------------------------
+
+
+class _Keeper:
+    """What the child knows and decides: a subset of the relay's gate, read from the database."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.defense = config.defense
+        self.conn = connect(config.database_path)
+        self.bans = BanBook()
+        self.allowlist: list[IPNetwork] = list(self.defense.allowlist)
+        self.known: set[IPNetwork] = set()
+        self.strangers = StrangersDoor(self.defense.unknown_connections_per_second)
+        self.signature: object = None
+        self.refused: Counter[str] = Counter()
+        self.accepted = 0
+
+    def reload(self, known_good: bool) -> None:
+        now = time.time()
+        try:
+            signature = defense_table.signature(self.conn)
+            if signature != self.signature:
+                self.signature = signature
+                self.bans.replace_all(defense_table.active_bans(self.conn, now))
+                allowed = defense_table.allowlist(self.conn)
+                self.allowlist = [*self.defense.allowlist, *allowed]
+            if known_good:
+                since = now - self.defense.known_good_window
+                self.known = {prefix for _, prefix, _ in defense_table.known_good(self.conn, since)}
+        except sqlite3.Error as error:  # a busy or briefly locked database: next time
+            log.warning("strangers' door: could not read the database: %s", error)
+
+    def verdict(self, address: IPAddress, now: float) -> str | None:
+        """The refusal for this connection, or None to pass it to the relay."""
+        if any(address in network for network in self.allowlist):
+            return None
+        ban = self.bans.find(address, now)
+        if ban is not None:
+            return "banned_permanent" if ban.permanent else "banned"
+        prefix = prefix_network(address, self.defense.ipv4_prefix, self.defense.ipv6_prefix)
+        if prefix in self.known:
+            return None
+        return None if self.strangers.admit(address, now) else "limit"
+
+
+def _child_main(
+    config: Config, sockets: list[socket.socket], channel: socket.socket, level: int
+) -> None:
+    configure_logging(
+        config.log.format,
+        name if (name := logging.getLevelName(level).lower()) in LEVELS else "info",
+        flood_lines=config.log.flood_lines,
+        flood_window=config.log.flood_window,
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when the child stops
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    keeper = _Keeper(config)
+    keeper.reload(known_good=True)
+    selector = selectors.DefaultSelector()
+    for index, sock in enumerate(sockets):
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, index)
+    selector.register(channel, selectors.EVENT_READ, None)
+    channel.setblocking(False)
+    channel.send(b"R")
+    next_reload = next_known = next_report = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= next_reload:
+            known_good = now >= next_known
+            keeper.reload(known_good)
+            next_reload = now + RELOAD_INTERVAL
+            if known_good:
+                next_known = now + KNOWN_GOOD_INTERVAL
+        if now >= next_report:
+            _report(channel, keeper)
+            next_report = now + REPORT_INTERVAL
+        for key, _ in selector.select(timeout=RELOAD_INTERVAL):
+            if key.data is None:
+                if not _parent_alive(channel):
+                    return
+                continue
+            _accept_batch(key.fileobj, key.data, keeper, channel)  # type: ignore[arg-type]
+
+
+def _parent_alive(channel: socket.socket) -> bool:
+    try:
+        return bool(channel.recv(16))
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+
+
+def _report(channel: socket.socket, keeper: _Keeper) -> None:
+    report = json.dumps({"refused": keeper.refused, "accepted": keeper.accepted})
+    with contextlib.suppress(OSError):  # a full channel: the next report says it all
+        channel.send(b"C" + report.encode())
+
+
+def _accept_batch(sock: socket.socket, index: int, keeper: _Keeper, channel: socket.socket) -> None:
+    for _ in range(ACCEPT_BATCH):
+        try:
+            connection, peer = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            continue  # one connection lost (reset in the backlog, out of descriptors)
+        keeper.accepted += 1
+        try:
+            address = parse_ip(str(peer[0]))
+        except (TypeError, ValueError, IndexError):
+            connection.close()
+            continue
+        refusal = keeper.verdict(address, time.time())
+        if refusal is None:
+            try:
+                socket.send_fds(
+                    channel, [b"P%d %s" % (index, str(address).encode())], [connection.fileno()]
+                )
+            except (BlockingIOError, InterruptedError):
+                refusal = "limit"  # the relay is not keeping up: shed, at once
+            except OSError:
+                connection.close()
+                raise SystemExit(0) from None  # the relay is gone
+        if refusal is not None:
+            keeper.refused[refusal] += 1
+            refuse(connection, _LINES[refusal])
+        else:
+            connection.close()  # the relay holds its own descriptor now

@@ -1,0 +1,141 @@
+"""The strangers' door in a process of its own (smtp/strangers_door.py), on real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mailfence.smtp import replies
+from mailfence.smtp.strangers_door import StrangersDoorProcess
+from mailfence.testing import RunningRelay
+from tests.conftest import StartRelay
+
+
+def banner(relay: RunningRelay, source: str) -> bytes:
+    with socket.create_connection(
+        ("127.0.0.1", relay.starttls_port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        return sock.recv(1024)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # bounded
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def door_process(relay: RunningRelay) -> StrangersDoorProcess:
+    door = relay.server.listeners.strangers_door
+    assert door is not None
+    wait_for(lambda: door.ready)
+    return door
+
+
+def child_pid(door: StrangersDoorProcess) -> int:
+    process = door._process
+    assert process is not None and process.pid is not None
+    return process.pid
+
+
+def hold_the_relays_loop(relay: RunningRelay, seconds: float) -> None:
+    relay.call(lambda: time.sleep(seconds))  # the relay answers nothing meanwhile
+    time.sleep(0.1)
+
+
+def test_strangers_over_their_rate_are_refused_without_the_relays_loop(
+    start_relay: StartRelay,
+) -> None:
+    relay = start_relay(defense={"door_process": True, "unknown_connections_per_second": 1})
+    door_process(relay)
+    banner(relay, "127.68.0.1")  # the one token of the burst
+    hold_the_relays_loop(relay, 3.0)
+    started = time.monotonic()
+    answers = [banner(relay, f"127.68.1.{n}") for n in range(1, 11)]
+    # Answered while the relay's loop slept: by the door process, at once.
+    assert time.monotonic() - started < 2.0
+    too_many = replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+    assert answers.count(too_many) >= 9
+    counters = relay.server.defense.counters
+    wait_for(lambda: counters.connections_refused["limit"] >= 9)  # in the relay's figures
+    assert relay.server.listeners.accepted_from["common"] >= 11
+
+
+def test_a_ban_from_the_cli_is_enforced_by_the_door_process(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = start_relay(defense={"door_process": True})
+    door_process(relay)
+    config = tmp_path / "cli.toml"
+    config.write_text(f'state_dir = "{relay.config.state_dir}"\n')
+    ban = [sys.executable, "-m", "mailfence", "ban", "127.69.0.0/24", "--permanent"]
+    banned = subprocess.run(
+        [*ban, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert banned.returncode == 0, banned.stderr
+    permanent = replies.BANNED_PERMANENTLY.encode() + b"\r\n"
+    wait_for(lambda: banner(relay, "127.69.0.7") == permanent, timeout=3.0)
+    time.sleep(1.0)  # the door process has read the ban too (it looks twice a second)
+    hold_the_relays_loop(relay, 2.0)
+    started = time.monotonic()
+    assert banner(relay, "127.69.0.8") == permanent
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_relay_accepts_itself_while_the_door_process_is_down(
+    start_relay: StartRelay,
+) -> None:
+    relay = start_relay(defense={"door_process": True})
+    door = door_process(relay)
+    first = child_pid(door)
+    os.kill(first, signal.SIGKILL)
+    # No connection is lost or left waiting meanwhile: the relay's own door takes them.
+    assert banner(relay, "127.70.0.1").startswith(b"220 ")
+    # And housekeeping starts a new one within a second or two.
+    wait_for(lambda: door is not relay.server.listeners.strangers_door or door._process)
+    again = door_process(relay)
+    wait_for(lambda: child_pid(again) != first)
+    assert banner(relay, "127.70.0.2").startswith(b"220 ")
+
+
+def test_no_door_process_outlives_the_relay(start_relay: StartRelay) -> None:
+    relay = start_relay(defense={"door_process": True})
+    pid = child_pid(door_process(relay))
+    relay.stop()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:  # bounded
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # A zombie not yet reaped by multiprocessing counts as gone.
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            if stat.read().split()[2] == "Z":
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"the door process {pid} is still running")
+
+
+def test_monitor_mode_keeps_the_door_in_the_relay(start_relay: StartRelay) -> None:
+    relay = start_relay(defense={"mode": "monitor", "door_process": True})
+    assert relay.server.listeners.strangers_door is None
+
+
+def test_the_door_process_is_off_by_default(start_relay: StartRelay) -> None:
+    relay = start_relay()
+    assert relay.server.listeners.strangers_door is None
+    assert banner(relay, "127.71.0.1").startswith(b"220 ")
