@@ -185,7 +185,11 @@ class StrangersDoorProcess:
             self.restarts += 1
             self._gone()
             process.join(0)
-        self.start()
+        try:
+            self.start()
+        except Exception:
+            # The relay's own doors go on accepting; the next check tries again.
+            log.exception("could not start the strangers' door process")
 
     def stop(self) -> None:
         """The child stops accepting at once (it keeps nothing worth finishing)."""
