@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
         [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
-        [--bot-processes 2] [--bot-nice 10]
+        [--bot-processes 2] [--bot-nice 10] [--door-process]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
@@ -651,14 +651,14 @@ class Sink:
                 self.process.wait(10)
 
 
-def write_config(path: Path, state_dir: Path, port: int, sink_port: int) -> None:
+def write_config(path: Path, state_dir: Path, port: int, sink_port: int, extra: str = "") -> None:
     path.write_text(
         f'state_dir = "{state_dir}"\n\n'
         f'[[listen]]\naddress = "{HOST}:{port}"\ntls = "starttls"\n\n'
         '[smtp]\nhostname = "relay.bench"\nmax_connections = 2000\n\n'
         # 535 only when a password was really checked (or an unknown name's decoy): countable.
         '[auth]\nfailure_reply = "permanent"\n\n'
-        f'[relay]\nupstream = "smtp://{HOST}:{sink_port}"\n',
+        f'[relay]\nupstream = "smtp://{HOST}:{sink_port}"\n' + extra,
         encoding="utf-8",
     )
 
@@ -691,14 +691,14 @@ def make_accounts(directory: Path, sink_port: int) -> tuple[Path, list[str]]:
 class Relay:
     """`mailfence serve` as a subprocess, with a fresh copy of the accounts' state directory."""
 
-    def __init__(self, directory: Path, template: Path, sink_port: int) -> None:
+    def __init__(self, directory: Path, template: Path, sink_port: int, extra: str = "") -> None:
         self.port = free_port()
         self.config = directory / "mailfence.toml"
         self.state_dir = directory / "state"
         self.log = directory / "mailfence.log"
         self.stop_seconds = 0.0
         shutil.copytree(template, self.state_dir)
-        write_config(self.config, self.state_dir, self.port, sink_port)
+        write_config(self.config, self.state_dir, self.port, sink_port, extra)
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [str(MAILFENCE), "serve", "--config", str(self.config)],
@@ -864,7 +864,8 @@ def run_mode(
     bot_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     sampler_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     null_port: multiprocessing.Queue[int] = context.Queue()
-    relay = Relay(directory / mode, template, sink.port)
+    extra = "\n[defense]\ndoor_process = true\n" if args.door_process else ""
+    relay = Relay(directory / mode, template, sink.port, extra)
     null_door = context.Process(target=null_door_process, args=(null_port,), daemon=True)
     with stopping(relay):
         customers_proc = context.Process(
@@ -1194,6 +1195,11 @@ def main() -> None:
     parser.add_argument("--bot-processes", type=int, default=2)
     parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--door-process",
+        action="store_true",
+        help="[defense] door_process = true: the strangers' door in a process of its own",
+    )
     args = parser.parse_args()
     for name in ("baseline", "flood", "recovery", "floor"):
         if not 1.0 <= getattr(args, name) <= 600.0:

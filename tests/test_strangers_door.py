@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailfence.smtp import replies
 from mailfence.smtp.strangers_door import StrangersDoorProcess
 from mailfence.testing import RunningRelay
@@ -139,3 +141,19 @@ def test_the_door_process_is_off_by_default(start_relay: StartRelay) -> None:
     relay = start_relay()
     assert relay.server.listeners.strangers_door is None
     assert banner(relay, "127.71.0.1").startswith(b"220 ")
+
+
+def test_the_door_process_memory_of_addresses_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailfence.smtp import strangers_door
+    from mailfence.testing import relay_config
+
+    monkeypatch.setattr(strangers_door, "ADDRESS_CACHE_SIZE", 100)
+    config = relay_config(tmp_path)
+    keeper = strangers_door._Keeper(config)
+    for n in range(1, 251):
+        address, prefix = keeper.parse(f"203.0.113.{n}")
+        assert str(prefix) == "203.0.113.0/24" and str(address) == f"203.0.113.{n}"
+    assert 0 < len(keeper._addresses) <= 100
+    keeper.conn.close()

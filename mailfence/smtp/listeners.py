@@ -29,6 +29,7 @@ log = logging.getLogger("mailfence.smtp")
 
 
 OPENING_GRACE = 5.0  # seconds close() waits for transports still being made
+DOOR_PROCESS_START = 10.0  # seconds start() waits for the strangers' door process
 
 
 class ListenError(Exception):
@@ -328,6 +329,15 @@ class Listeners:
             self.doors.extend(doors)
             self._first_doors.append(doors[0])
         self.door_process_wanted(self.config)
+        # Ready means every part running: the door process's start (a new interpreter, about
+        # a second of CPU) is over before the first logins, whose verification times the
+        # decoys for unknown names are drawn from. Its own doors accept meanwhile anyway.
+        deadline = time.monotonic() + DOOR_PROCESS_START
+        while self.strangers_door is not None and not self.strangers_door.ready:
+            if time.monotonic() >= deadline:
+                log.warning("the strangers' door process is slow to start; going on without")
+                break
+            await asyncio.sleep(0.02)
 
     # --- the strangers' door process (strangers_door.py) ------------------------------------
 

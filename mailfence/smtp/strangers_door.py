@@ -54,6 +54,9 @@ ACCEPT_BATCH = 64  # per socket per turn: the child has nothing else to do betwe
 RELOAD_INTERVAL = 0.5  # seconds between looks at the bans' and allowlist's signature
 KNOWN_GOOD_INTERVAL = 5.0  # seconds between reloads of the customers' networks
 REPORT_INTERVAL = 1.0
+# Addresses remembered with their parsed form and network: parsing both costs more than the
+# rest of a refusal, and a flood repeats the same few thousand addresses.
+ADDRESS_CACHE_SIZE = 65_536
 
 _LINES = {
     "banned": replies.BANNED.encode() + b"\r\n",
@@ -226,6 +229,7 @@ class _Keeper:
         self.known: set[IPNetwork] = set()
         self.strangers = StrangersDoor(self.defense.unknown_connections_per_second)
         self.signature: object = None
+        self._addresses: dict[str, tuple[IPAddress, IPNetwork]] = {}
         self.refused: Counter[str] = Counter()
         self.accepted = 0
 
@@ -244,14 +248,24 @@ class _Keeper:
         except sqlite3.Error as error:  # a busy or briefly locked database: next time
             log.warning("strangers' door: could not read the database: %s", error)
 
-    def verdict(self, address: IPAddress, now: float) -> str | None:
+    def parse(self, text: str) -> tuple[IPAddress, IPNetwork]:
+        """(address, its network) of an address as accept() gives it; raises ValueError."""
+        parsed = self._addresses.get(text)
+        if parsed is None:
+            address = parse_ip(text)
+            prefix = prefix_network(address, self.defense.ipv4_prefix, self.defense.ipv6_prefix)
+            if len(self._addresses) >= ADDRESS_CACHE_SIZE:
+                self._addresses.clear()
+            parsed = self._addresses[text] = (address, prefix)
+        return parsed
+
+    def verdict(self, address: IPAddress, prefix: IPNetwork, now: float) -> str | None:
         """The refusal for this connection, or None to pass it to the relay."""
         if any(address in network for network in self.allowlist):
             return None
         ban = self.bans.find(address, now)
         if ban is not None:
             return "banned_permanent" if ban.permanent else "banned"
-        prefix = prefix_network(address, self.defense.ipv4_prefix, self.defense.ipv6_prefix)
         if prefix in self.known:
             return None
         return None if self.strangers.admit(address, now) else "limit"
@@ -323,11 +337,11 @@ def _accept_batch(sock: socket.socket, index: int, keeper: _Keeper, channel: soc
             continue  # one connection lost (reset in the backlog, out of descriptors)
         keeper.accepted += 1
         try:
-            address = parse_ip(str(peer[0]))
+            address, prefix = keeper.parse(str(peer[0]))
         except (TypeError, ValueError, IndexError):
             connection.close()
             continue
-        refusal = keeper.verdict(address, time.time())
+        refusal = keeper.verdict(address, prefix, time.time())
         if refusal is None:
             try:
                 socket.send_fds(
