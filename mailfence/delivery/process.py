@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ import uvloop
 from mailfence.config import Config
 from mailfence.delivery.worker import Delivery
 from mailfence.observe.logs import LEVELS, configure_logging
+from mailfence.spawn import spawn_with_channel
 from mailfence.spool import Spool
 from mailfence.store import Writer, connect
 
@@ -38,7 +38,6 @@ class DeliveryProcess:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
         self._process: BaseProcess | None = None
         self._nudge: socket.socket | None = None
         self._nudge_pending = False
@@ -75,22 +74,11 @@ class DeliveryProcess:
 
     def start(self) -> None:
         self._wanted = True  # from now on, check() keeps a child running
-        parent_end, child_end = socket.socketpair()
         level = logging.getLogger("mailfence").getEffectiveLevel()
-        process = self._context.Process(
-            target=_child_main,
-            args=(self.config, child_end, level),
-            name="mailfence-delivery",
-            daemon=True,
+        # On failure, check() tries again in a second.
+        process, parent_end = spawn_with_channel(
+            "mailfence-delivery", _child_main, (self.config, level)
         )
-        try:
-            process.start()
-        except BaseException:
-            parent_end.close()  # and check() tries again in a second
-            raise
-        finally:
-            child_end.close()
-        parent_end.setblocking(False)
         self._nudge = parent_end
         self._process = process
         for key, value in self._reported.items():  # the previous child's last word
@@ -188,7 +176,7 @@ class DeliveryProcess:
             self._nudge = None
 
 
-def _child_main(config: Config, nudges: socket.socket, level: int) -> None:
+def _child_main(config: Config, level: int, nudges: socket.socket) -> None:
     # The same format as the parent's (one JSON object per line for journald, or text).
     configure_logging(
         config.log.format,

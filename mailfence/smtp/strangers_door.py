@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import selectors
 import signal
@@ -42,6 +41,7 @@ from mailfence.defense.strangers import StrangersDoor
 from mailfence.observe.logs import LEVELS, configure_logging
 from mailfence.smtp import replies
 from mailfence.smtp.door import Door, refuse
+from mailfence.spawn import spawn_with_channel
 from mailfence.store import connect
 from mailfence.store import defense as defense_table
 
@@ -86,7 +86,6 @@ class StrangersDoorProcess:
         self.fallback = fallback
         self.passed = passed
         self.counted = counted  # (refusals by action, connections accepted) since last call
-        self._context = multiprocessing.get_context("spawn")  # never fork a threaded process
         self._process: BaseProcess | None = None
         self._channel: socket.socket | None = None
         self._reported: tuple[Counter[str], int] = (Counter(), 0)
@@ -96,22 +95,13 @@ class StrangersDoorProcess:
 
     def start(self) -> None:
         self.wanted = True
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         level = logging.getLogger("mailfence").getEffectiveLevel()
-        process = self._context.Process(
-            target=_child_main,
-            args=(self.config, [sock for _, sock in self.sockets], child_end, level),
-            name="mailfence-strangers-door",
-            daemon=True,
+        process, parent_end = spawn_with_channel(
+            "mailfence-strangers-door",
+            _child_main,
+            (self.config, [sock for _, sock in self.sockets], level),
+            socket.SOCK_SEQPACKET,
         )
-        try:
-            process.start()
-        except BaseException:
-            parent_end.close()
-            raise
-        finally:
-            child_end.close()
-        parent_end.setblocking(False)
         self._channel = parent_end
         self._process = process
         self._reported = (Counter(), 0)
@@ -164,14 +154,17 @@ class StrangersDoorProcess:
 
     def _gone(self) -> None:
         """The child is gone: the relay's own doors accept again until it is back."""
+        self._close_channel()
+        for door in self.fallback:
+            door.resume()
+
+    def _close_channel(self) -> None:
         self.ready = False
         if self._channel is not None:
             with contextlib.suppress(RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_reader(self._channel.fileno())
             self._channel.close()
             self._channel = None
-        for door in self.fallback:
-            door.resume()
 
     def check(self) -> None:
         """From housekeeping, once a second: a child that died is started again."""
@@ -206,12 +199,7 @@ class StrangersDoorProcess:
             self._process = None
         if self._channel is not None:
             self._on_channel()  # its last counts
-        self.ready = False
-        if self._channel is not None:
-            with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_reader(self._channel.fileno())
-            self._channel.close()
-            self._channel = None
+        self._close_channel()
 
 
 # --- the child ---------------------------------------------------------------------------
@@ -272,7 +260,7 @@ class _Keeper:
 
 
 def _child_main(
-    config: Config, sockets: list[socket.socket], channel: socket.socket, level: int
+    config: Config, sockets: list[socket.socket], level: int, channel: socket.socket
 ) -> None:
     configure_logging(
         config.log.format,
