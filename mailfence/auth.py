@@ -280,6 +280,13 @@ class VerificationPool:
                     waiter.set_result(None)
 
     async def verify(self, password_hash: str, password: bytes, lane: str = "unknown") -> bool:
+        return await asyncio.shield(await self.start(password_hash, password, lane))
+
+    async def start(
+        self, password_hash: str, password: bytes, lane: str = "unknown"
+    ) -> asyncio.Future[bool]:
+        """Waits for a slot in `lane` (none when one is free: no await before it is taken)
+        and starts the hash; returns its future, which runs to the end whoever awaits it."""
         entered = time.perf_counter()
         await self._acquire(lane)
         try:
@@ -304,7 +311,7 @@ class VerificationPool:
                     self.recent_stranger_seconds.append(now - entered)
 
         job.add_done_callback(finished)
-        return await asyncio.shield(job)
+        return job
 
     def decoy_delay(self) -> float:
         """How long a stranger's real verification takes now, drawn from recent ones."""
@@ -347,6 +354,10 @@ class Authenticator:
         # credentials from the same source, at least RETRY_TICKET_MIN_AGE later and within
         # RETRY_TICKET_SECONDS, is served ahead of strangers.
         self.retry_tickets: dict[tuple[Hashable, bytes], float] = {}
+        # Fingerprints of (user, password) being checked right now -> their verdict to come.
+        # One entry per verification or decoy in progress: bounded by the pool and by the
+        # relay's connection limit (one AUTH at a time per session).
+        self.verifying: dict[bytes, asyncio.Future[Verdict | None]] = {}
 
     def _lane_for(self, lane: str, source: Hashable | None, key: bytes, now: float) -> str:
         if lane != "unknown" or source is None:
@@ -382,18 +393,71 @@ class Authenticator:
         key = self.cache.fingerprint(name, password)
         if self.cache.failed_before(key, user, now):
             return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, repeated=True)
+        pending = self.verifying.get(key)
+        if pending is not None:
+            # The same name and password are being checked right now: a customer's server
+            # opening several connections at once. One verification answers them all (none
+            # of them is told BUSY), and a wrong password is one mistake, not one per copy.
+            verdict = await asyncio.shield(pending)
+            if verdict is not None:
+                return _joined(verdict)
+            return await self.check(name, password, lane, source)  # that check was dropped
         lane = self._lane_for(lane, source, key, now)
         if self.pool.full(lane):
             if lane != "known":
                 self._issue_ticket(source, key, now)
             return Verdict(Outcome.BUSY, lane=lane)
+        published: asyncio.Future[Verdict | None] = asyncio.get_running_loop().create_future()
+        self.verifying[key] = published
+
+        def publish(verdict: Verdict | None) -> None:
+            published.set_result(verdict)
+            if self.verifying.get(key) is published:
+                del self.verifying[key]
+
+        try:
+            # In this session up to the hash's start: between the pool's "not full" above
+            # and its taking a slot there is no await, so the lanes' bounds hold.
+            concluding = await self._start(name, user, password, key, lane, now)
+        except BaseException:
+            publish(None)  # gone while queued, before any hash: its copies check themselves
+            raise
+
+        def concluded(task: asyncio.Task[Verdict]) -> None:
+            failed = task.cancelled() or task.exception() is not None
+            publish(None if failed else task.result())
+
+        concluding.add_done_callback(concluded)
+        # Shielded: once the hash runs, its verdict reaches the caches and this session's
+        # copies even if this session goes away.
+        return await asyncio.shield(concluding)
+
+    async def _start(
+        self, name: str, user: User | None, password: bytes, key: bytes, lane: str, now: float
+    ) -> asyncio.Task[Verdict]:
         if user is None:
-            # No hash to check, but the answer must not come back faster than a real one
-            # would: sleep (no CPU) for as long as a verification takes.
-            await asyncio.sleep(self.pool.decoy_delay())
-            self.cache.remember_failure(key, None, now)
-            return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
-        if not await self.pool.verify(user.password_hash, password, lane):
+            return asyncio.ensure_future(self._decoy(key, lane, now))
+        job = await self.pool.start(user.password_hash, password, lane)
+        return asyncio.ensure_future(self._conclude(job, name, user, password, key, lane, now))
+
+    async def _decoy(self, key: bytes, lane: str, now: float) -> Verdict:
+        # No hash to check, but the answer must not come back faster than a real one would:
+        # sleep (no CPU) for as long as a verification takes.
+        await asyncio.sleep(self.pool.decoy_delay())
+        self.cache.remember_failure(key, None, now)
+        return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
+
+    async def _conclude(
+        self,
+        job: asyncio.Future[bool],
+        name: str,
+        user: User,
+        password: bytes,
+        key: bytes,
+        lane: str,
+        now: float,
+    ) -> Verdict:
+        if not await job:
             self.cache.remember_failure(key, user, now)
             return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=key, lane=lane)
         current = self.accounts.get(name)  # the account may have changed while we hashed
@@ -403,3 +467,13 @@ class Authenticator:
             return Verdict(Outcome.DISABLED, current, lane=lane)
         self.cache.remember(current, password, now)
         return Verdict(Outcome.OK, current, lane=lane)
+
+
+def _joined(verdict: Verdict) -> Verdict:
+    """The verdict of a check another session started, as this session's: answered without
+    a verification of its own, like the caches' answers."""
+    if verdict.outcome is Outcome.OK:
+        return Verdict(Outcome.OK, verdict.user, cached=True)
+    if verdict.outcome is Outcome.BAD_CREDENTIALS:
+        return Verdict(Outcome.BAD_CREDENTIALS, fingerprint=verdict.fingerprint, repeated=True)
+    return verdict

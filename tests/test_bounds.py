@@ -71,8 +71,8 @@ SLOW_HASH = {
 def test_full_verification_pool_answers_454_at_once(start_relay: StartRelay) -> None:
     relay = start_relay(auth=SLOW_HASH)
     clients = [tls_session(relay.starttls_port) for _ in range(6)]
-    for client in clients:
-        client.send(plain(ALICE, "wrong password"))
+    for n, client in enumerate(clients):  # distinct guesses: no two share a verification
+        client.send(plain(ALICE, f"wrong password {n}"))
     replies_seen = sorted(client.getreply()[0] for client in clients)
     # One verifying, one waiting: those two are checked (535); the other four are told to
     # come back later (454) instead of queueing behind them.
@@ -85,8 +85,8 @@ def test_event_loop_answers_while_the_pool_is_saturated(start_relay: StartRelay)
     relay = start_relay(auth=SLOW_HASH)
     hashing = [tls_session(relay.starttls_port) for _ in range(2)]
     other = tls_session(relay.starttls_port)
-    for client in hashing:
-        client.send(plain(ALICE, "wrong password"))
+    for n, client in enumerate(hashing):
+        client.send(plain(ALICE, f"wrong password {n}"))
     time.sleep(0.05)
     assert other.noop()[0] == 250
     # The NOOP was answered while both verifications were still running or queued.

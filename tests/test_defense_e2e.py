@@ -486,6 +486,32 @@ def test_first_time_customer_told_454_in_a_flood_gets_through_on_retry(
     assert sink.wait_for(1)
 
 
+def test_a_new_customers_connections_at_once_all_get_in(start_relay: StartRelay) -> None:
+    """A customer's server, new to the relay, opens four connections and logs in on all of
+    them at the same instant: one verification answers the four (the strangers' lane has no
+    queue, so three would otherwise be told 454)."""
+    relay = start_relay(auth={"argon2_time_cost": 8, "argon2_memory_kib": 65536})
+    copies = 4
+    ready = threading.Barrier(copies, timeout=30)
+    codes: list[int] = []
+
+    def log_in() -> None:
+        client = session(relay, "127.32.0.1")
+        try:
+            ready.wait()  # every session past STARTTLS: the four AUTH commands go together
+            codes.append(auth(client, ALICE, ALICE_PASSWORD))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=log_in) for _ in range(copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert codes == [235] * copies
+    assert len(relay.server.pool.recent_seconds) == 1  # one argon2 run for the four
+
+
 def test_an_automatic_ban_made_while_the_ban_list_is_reloading_holds(relay: RunningRelay) -> None:
     """A reload whose read began before an automatic ban was committed must not drop that
     ban from memory. The read is made slow for real: SQLite crawling under a handler."""

@@ -8,7 +8,16 @@ import threading
 
 import argon2
 
-from mailfence.auth import STRANGERS_NICE, VerificationPool
+from mailfence.auth import (
+    STRANGERS_NICE,
+    Accounts,
+    Authenticator,
+    CredentialCache,
+    Outcome,
+    VerificationPool,
+)
+from mailfence.config import AuthConfig
+from mailfence.store.users import User
 
 # Slow enough (hundreds of ms) that the pool's state can be read while hashes run.
 SLOW = argon2.PasswordHasher(time_cost=8, memory_cost=65536, parallelism=1)
@@ -241,6 +250,67 @@ def test_by_default_a_stranger_is_hashed_at_once_or_told_busy_at_once() -> None:
         retried = await authenticator.check("bob", SECRET, source="198.51.100.7")
         assert retried.outcome is Outcome.OK and retried.lane == "retry"
         assert (await bot).outcome is Outcome.BAD_CREDENTIALS
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def _authenticator_with_defaults() -> tuple[Authenticator, VerificationPool]:
+    defaults = AuthConfig()
+    users = {"alice": User("alice", SLOW.hash(SECRET), (), disabled=False, updated=0.0)}
+    accounts = Accounts(lambda: users)
+    accounts.users = users
+    pool = VerificationPool(
+        SLOW,
+        defaults.verify_threads,
+        defaults.verify_queue_known,
+        defaults.verify_queue,
+        defaults.verify_threads_unknown,
+    )
+    return Authenticator(accounts, CredentialCache(60.0), pool), pool
+
+
+def test_copies_of_one_login_at_once_share_one_verification() -> None:
+    """A customer's server opening several connections at once, before its first login ever
+    succeeded: one hash answers them all, and none is told BUSY (the strangers' lane has no
+    queue by default, so each copy would otherwise be)."""
+
+    async def main() -> None:
+        authenticator, pool = _authenticator_with_defaults()
+        copies = [authenticator.check("alice", SECRET, source="198.51.100.7") for _ in range(4)]
+        verdicts = await asyncio.gather(*copies)
+        assert [v.outcome for v in verdicts] == [Outcome.OK] * 4
+        assert len(pool.recent_seconds) == 1  # one argon2 run
+        assert sum(v.cached for v in verdicts) == 3
+        assert not authenticator.verifying
+        # The same wrong password four times at once is one mistake: one counts.
+        wrong = [authenticator.check("alice", b"stale", source="198.51.100.7") for _ in range(4)]
+        failures = await asyncio.gather(*wrong)
+        assert [v.outcome for v in failures] == [Outcome.BAD_CREDENTIALS] * 4
+        assert sum(not v.repeated for v in failures) == 1
+        assert len(pool.recent_seconds) == 2
+        # Different passwords are separate checks: the second stranger is told BUSY.
+        guesses = [authenticator.check("alice", b"guess %d" % n) for n in range(2)]
+        outcomes = sorted(v.outcome.value for v in await asyncio.gather(*guesses))
+        assert outcomes == [Outcome.BAD_CREDENTIALS.value, Outcome.BUSY.value]
+        pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_copy_checks_for_itself_when_the_session_that_started_the_check_goes_away() -> None:
+    async def main() -> None:
+        authenticator, pool = _authenticator_with_defaults()
+        first = asyncio.create_task(authenticator.check("alice", SECRET))
+        await asyncio.sleep(0)
+        assert pool.busy_by_lane["unknown"] == 1
+        copy = asyncio.create_task(authenticator.check("alice", SECRET))
+        await asyncio.sleep(0)
+        first.cancel()  # its client disconnected mid-AUTH
+        verdict = await copy
+        assert verdict.outcome is Outcome.OK
+        assert first.cancelled()
+        assert not authenticator.verifying
         pool.shutdown()
 
     asyncio.run(main())
