@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
         [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
-        [--bot-processes 2] [--bot-nice 10] [--door-process]
+        [--bot-processes 2] [--bot-nice 10] [--relay-door]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
@@ -864,7 +864,7 @@ def run_mode(
     bot_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     sampler_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     null_port: multiprocessing.Queue[int] = context.Queue()
-    extra = "\n[defense]\ndoor_process = true\n" if args.door_process else ""
+    extra = "\n[defense]\ndoor_process = false\n" if args.relay_door else ""
     relay = Relay(directory / mode, template, sink.port, extra)
     null_door = context.Process(target=null_door_process, args=(null_port,), daemon=True)
     with stopping(relay):
@@ -1196,9 +1196,9 @@ def main() -> None:
     parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument(
-        "--door-process",
+        "--relay-door",
         action="store_true",
-        help="[defense] door_process = true: the strangers' door in a process of its own",
+        help="[defense] door_process = false: the strangers' door on the relay's event loop",
     )
     args = parser.parse_args()
     for name in ("baseline", "flood", "recovery", "floor"):

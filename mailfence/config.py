@@ -112,7 +112,7 @@ class DefenseConfig:
     connection_rate_per_prefix: int = 300
     connection_rate_window: float = 60.0
     unknown_connections_per_second: int = 50
-    door_process: bool = False
+    door_process: bool = True
     known_good_reserved: float = 0.2
     known_good_window: float = 30 * 86400.0
     auth_attempts_per_session: int = 3

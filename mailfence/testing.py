@@ -239,6 +239,11 @@ def relay_config(state_dir: Path, upstream_port: int | None = None, **sections: 
         smtp=SMTPConfig(hostname="relay.test", shutdown_timeout=5.0),
         metrics=MetricsConfig(listen="127.0.0.1:0"),
     )
+    # The strangers' door process (on by default) costs each relay's start a new interpreter,
+    # about a second of CPU: the tests that are about it ask for it (test_strangers_door.py).
+    config = dataclasses.replace(
+        config, defense=dataclasses.replace(config.defense, door_process=False)
+    )
     for name, changes in sections.items():
         config = dataclasses.replace(
             config, **{name: dataclasses.replace(getattr(config, name), **changes)}

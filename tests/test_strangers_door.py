@@ -137,10 +137,15 @@ def test_monitor_mode_keeps_the_door_in_the_relay(start_relay: StartRelay) -> No
     assert relay.server.listeners.strangers_door is None
 
 
-def test_the_door_process_is_off_by_default(start_relay: StartRelay) -> None:
-    relay = start_relay()
-    assert relay.server.listeners.strangers_door is None
-    assert banner(relay, "127.71.0.1").startswith(b"220 ")
+def test_the_door_process_is_on_by_default_and_can_be_turned_off(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    from mailfence.config import from_mapping
+
+    assert from_mapping({}, "<empty>", tmp_path).defense.door_process is True
+    off = start_relay(defense={"door_process": False})
+    assert off.server.listeners.strangers_door is None
+    assert banner(off, "127.71.0.2").startswith(b"220 ")
 
 
 def test_the_door_process_memory_of_addresses_is_bounded(
