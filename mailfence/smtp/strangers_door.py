@@ -369,9 +369,11 @@ class _Acceptor:
         """Hands the connection to the relay: None, or the refusal when it cannot take it."""
         try:
             socket.send_fds(self.channel, [b"P%d %s" % (self.index, str(address).encode())], [fd])
-        except (BlockingIOError, InterruptedError):
-            return "limit"  # the relay is not keeping up: shed, at once
-        except OSError:
+        except (BrokenPipeError, ConnectionResetError):
             os.close(fd)
             raise SystemExit(0) from None  # the relay is gone
+        except OSError:
+            # Not keeping up (EAGAIN), or too many descriptors in flight (ETOOMANYREFS): the
+            # relay is behind, so shed at once.
+            return "limit"
         return None
