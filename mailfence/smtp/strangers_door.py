@@ -2,8 +2,9 @@
 
 A flood is thousands of connections a second from strangers, nearly all of them refused at
 the door. Each refusal is cheap, but on the relay's event loop they add up to most of its
-time, and every customer's reply waits behind them (benchmarks/flood.py: customers' p99 in
-the flood 1.9-2.6x the baseline with the door on the loop, 1.0-1.5x with it here).
+time, and every customer's reply waits behind them (benchmarks/flood.py, distributed mode:
+customers' p99 to the AUTH reply 30-32 ms in the flood with the door on the loop, 18-19 ms
+with it here; benchmarks/door_cost.py: a refusal here costs what a bare server's does).
 
 Customers' networks already have an accept queue of their own (steering.py), served by the
 relay. This child serves the other, common queue: it refuses banned sources and strangers
