@@ -119,7 +119,6 @@ def test_a_session_that_leaves_mid_hash_holds_its_thread_until_the_hash_ends() -
 
 def test_retry_tickets_are_bounded_and_lead_to_the_retry_lane() -> None:
     from mailfence import auth
-    from mailfence.auth import Accounts, Authenticator, CredentialCache
 
     authenticator = Authenticator(
         Accounts(dict), CredentialCache(60.0), VerificationPool(SLOW, 1, 1, 1)
@@ -215,28 +214,11 @@ def test_by_default_a_stranger_is_hashed_at_once_or_told_busy_at_once() -> None:
     stranger is answered BUSY without waiting behind it; the same credentials retried from
     the same source go to the retry lane and are checked."""
     from mailfence import auth
-    from mailfence.auth import Accounts, Authenticator, CredentialCache, Outcome
-    from mailfence.config import AuthConfig
-    from mailfence.store.users import User
 
-    defaults = AuthConfig()
-    assert defaults.verify_queue == 0
-    users = {
-        name: User(name, SLOW.hash(SECRET), (), disabled=False, updated=0.0)
-        for name in ("alice", "bob")
-    }
+    assert AuthConfig().verify_queue == 0
 
     async def main() -> None:
-        accounts = Accounts(lambda: users)
-        await accounts.reload()
-        pool = VerificationPool(
-            SLOW,
-            defaults.verify_threads,
-            defaults.verify_queue_known,
-            defaults.verify_queue,
-            defaults.verify_threads_unknown,
-        )
-        authenticator = Authenticator(accounts, CredentialCache(60.0), pool)
+        authenticator, pool = _authenticator_with_defaults("alice", "bob")
         bot = asyncio.create_task(authenticator.check("alice", b"guess", source="203.0.113.9"))
         await asyncio.sleep(0)
         assert pool.busy_by_lane["unknown"] == 1
@@ -255,9 +237,13 @@ def test_by_default_a_stranger_is_hashed_at_once_or_told_busy_at_once() -> None:
     asyncio.run(main())
 
 
-def _authenticator_with_defaults() -> tuple[Authenticator, VerificationPool]:
+def _authenticator_with_defaults(*names: str) -> tuple[Authenticator, VerificationPool]:
+    """The shipped [auth] defaults; each of `names` (alice by default) with password SECRET."""
     defaults = AuthConfig()
-    users = {"alice": User("alice", SLOW.hash(SECRET), (), disabled=False, updated=0.0)}
+    users = {
+        name: User(name, SLOW.hash(SECRET), (), disabled=False, updated=0.0)
+        for name in names or ("alice",)
+    }
     accounts = Accounts(lambda: users)
     accounts.users = users
     pool = VerificationPool(
