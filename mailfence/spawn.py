@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -19,7 +21,8 @@ def spawn_with_channel(
         target=target, args=(*args, child_end), name=name, daemon=True
     )
     try:
-        process.start()
+        with _main_script_hidden():
+            process.start()
     except BaseException:
         parent_end.close()
         raise
@@ -27,3 +30,23 @@ def spawn_with_channel(
         child_end.close()
     parent_end.setblocking(False)
     return process, parent_end
+
+
+@contextlib.contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """multiprocessing's spawn runs the parent's main script again in the child (as
+    __mp_main__) when it was started by path, in case the target lives there. Ours never
+    does: targets are imported by module name. For `mailfence` that script imports the whole
+    CLI (typer, rich, every command), a second of CPU per child at every start; hidden, the
+    child imports what its target needs and nothing more. (`python -m mailfence` has a
+    module name instead, which spawn already leaves alone.)"""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if main is None or script is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = script
