@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mailfence.observe import control
 from mailfence.smtp import replies
 from mailfence.smtp.strangers_door import StrangersDoorProcess
 from mailfence.testing import RunningRelay
@@ -112,6 +114,17 @@ def test_the_relay_accepts_itself_while_the_door_process_is_down(
     again = door_process(relay)
     wait_for(lambda: child_pid(again) != first)
     assert banner(relay, "127.70.0.2").startswith(b"220 ")
+    # The operator sees it: `stats --json` and the metrics.
+    answer = control.request(relay.config.control_socket, "snapshot", {"sessions": 0})
+    assert answer["snapshot"]["connections"]["door_process"] == {"running": True, "restarts": 1}
+    url = f"http://127.0.0.1:{relay.server.metrics_port}/metrics"
+
+    def metrics() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(reply.read().decode())
+
+    figures = ("mailfence_door_process_up 1.0", "mailfence_door_process_restarts_total 1.0")
+    wait_for(lambda: all(line in metrics() for line in figures))  # the next tick or two
 
 
 def test_no_door_process_outlives_the_relay(start_relay: StartRelay) -> None:
@@ -135,6 +148,8 @@ def test_no_door_process_outlives_the_relay(start_relay: StartRelay) -> None:
 def test_monitor_mode_keeps_the_door_in_the_relay(start_relay: StartRelay) -> None:
     relay = start_relay(defense={"mode": "monitor", "door_process": True})
     assert relay.server.listeners.strangers_door is None
+    answer = control.request(relay.config.control_socket, "snapshot", {"sessions": 0})
+    assert answer["snapshot"]["connections"]["door_process"] is None  # not wanted: not shown
 
 
 def test_the_door_process_is_on_by_default_and_can_be_turned_off(
@@ -162,3 +177,19 @@ def test_the_door_process_memory_of_addresses_is_bounded(
         assert str(prefix) == "203.0.113.0/24" and str(address) == f"203.0.113.{n}"
     assert 0 < len(keeper._addresses) <= 100
     keeper.conn.close()
+
+
+def test_top_says_when_the_door_process_is_down() -> None:
+    from mailfence.cli.observe import header
+
+    snapshot: dict[str, Any] = {
+        "health": {"state": "ok", "reason": "all well"},
+        "uptime": 61.0,
+        "under_attack": False,
+        "connections": {"open": 3, "limit": 1000, "door_process": None},
+    }
+    assert "DOOR PROCESS" not in header(snapshot).plain  # not wanted: nothing to say
+    snapshot["connections"]["door_process"] = {"running": True, "restarts": 0}
+    assert "DOOR PROCESS" not in header(snapshot).plain
+    snapshot["connections"]["door_process"] = {"running": False, "restarts": 2}
+    assert "DOOR PROCESS DOWN (restarts 2)" in header(snapshot).plain

@@ -79,6 +79,10 @@ def header(snapshot: dict[str, Any]) -> Text:
     text.append(f"  connections {conns['open']}/{conns['limit']}")
     if snapshot["under_attack"]:
         text.append("  UNDER-ATTACK MODE", style="bold red")
+    door = conns.get("door_process")  # absent from an older server's snapshot
+    if door is not None and not door["running"]:
+        # The relay's own doors stand in: nothing is lost, but the flood is on its loop.
+        text.append(f"  DOOR PROCESS DOWN (restarts {door['restarts']})", style="bold yellow")
     return text
 
 

@@ -161,6 +161,7 @@ class Observer:
             },
             "live_connections": self.listeners.open_connections,
             "accepted_by_queue": dict(self.listeners.accepted_from),
+            "door_process": self._door_process(),
             "pool_busy": dict(self.pool.busy_by_lane),
             "pool_queued": {lane: len(q) for lane, q in self.pool.waiting.items()},
             "spool_size": self.spool.size,
@@ -172,6 +173,14 @@ class Observer:
             },
             "to_250_seconds": (list(to_250.counts), to_250.total),
         }
+
+    def _door_process(self) -> dict[str, Any] | None:
+        """The strangers' door process: None where it is not wanted (turned off, monitor
+        mode, no strangers' queue); else whether it is accepting, and how often it died."""
+        door = self.listeners.strangers_door
+        if door is None or not door.wanted:
+            return None
+        return {"running": door.ready, "restarts": door.restarts}
 
     def ban_recorded(self, network: str, reason: str, source: str, until: float | None) -> None:
         """A ban made or applied by this server (automatic, or an operator's through it)."""
@@ -215,6 +224,7 @@ class Observer:
                 # Accepted from each accept queue (smtp/steering.py): "customers" counts those
                 # that skipped the strangers' queue at the door.
                 "accepted_by_queue": dict(self.listeners.accepted_from),
+                "door_process": self._door_process(),
             },
             "totals": flat,
             "rates": rates,

@@ -115,6 +115,19 @@ class RelayCollector(Collector):
         for state in HEALTH_STATES:
             health.add_metric([state], 1 if f["health"] == state else 0)
         yield health
+        door = f["door_process"]
+        if door is not None:
+            yield GaugeMetricFamily(
+                "mailfence_door_process_up",
+                "1 while the strangers' door process accepts; 0 while the relay's own doors"
+                " stand in for it (starting, or died and not yet started again).",
+                value=1 if door["running"] else 0,
+            )
+            yield CounterMetricFamily(
+                "mailfence_door_process_restarts",
+                "Times the strangers' door process died and was started again.",
+                value=door["restarts"],
+            )
         yield GaugeMetricFamily(
             "mailfence_under_attack",
             "1 while the defense is in under-attack mode.",
