@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
         [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
-        [--bot-processes 2] [--bot-nice 10] [--relay-door]
+        [--bot-processes 2] [--bot-nice 10] [--relay-door] [--defense "KEY = VALUE" ...]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
@@ -864,7 +864,8 @@ def run_mode(
     bot_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     sampler_results: multiprocessing.Queue[list[dict[str, Any]]] = context.Queue()
     null_port: multiprocessing.Queue[int] = context.Queue()
-    extra = "\n[defense]\ndoor_process = false\n" if args.relay_door else ""
+    settings = [*args.defense, *(["door_process = false"] if args.relay_door else [])]
+    extra = "\n[defense]\n" + "".join(f"{line}\n" for line in settings) if settings else ""
     relay = Relay(directory / mode, template, sink.port, extra)
     null_door = context.Process(target=null_door_process, args=(null_port,), daemon=True)
     with stopping(relay):
@@ -1199,6 +1200,14 @@ def main() -> None:
         "--relay-door",
         action="store_true",
         help="[defense] door_process = false: the strangers' door on the relay's event loop",
+    )
+    parser.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [defense] setting for the relay, as a TOML line (repeatable), e.g. "
+        "--defense 'unknown_connections_per_second = 10'",
     )
     args = parser.parse_args()
     for name in ("baseline", "flood", "recovery", "floor"):
