@@ -131,6 +131,7 @@ class DefenseConfig:
     attack_auth_attempts_per_session: int = 1
     attack_max_connections_per_ip: int = 3
     attack_session_timeout: float = 30.0
+    attack_unknown_connections_per_second: int = 10
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ RESTART_ONLY = frozenset(
         "defense.connection_rate_window",
         "defense.failure_window",
         "defense.unknown_connections_per_second",
+        "defense.attack_unknown_connections_per_second",
         "defense.door_process",
         "defense.ipv4_prefix",
         "defense.ipv6_prefix",
@@ -683,6 +685,9 @@ def _defense(sec: _Section) -> DefenseConfig:
             "attack_max_connections_per_ip", d.attack_max_connections_per_ip, 1
         ),
         attack_session_timeout=sec.duration("attack_session_timeout", d.attack_session_timeout),
+        attack_unknown_connections_per_second=sec.integer(
+            "attack_unknown_connections_per_second", d.attack_unknown_connections_per_second, 1
+        ),
     )
     sec.done()
     return result

@@ -649,12 +649,12 @@ class Server:
             await self._load_defense_state(initial=False)
             log.info("bans and allowlist reloaded: %d bans in force", len(self.defense.bans))
         await self._steer()
-        self.listeners.check_door_process()
         wall = time.time()
         change = self.defense.tick(wall)
         if change is not None:
             log.warning("defense: %s under-attack mode", change)
             self.control.publish({"event": "under_attack", "change": change, "time": wall})
+        self.listeners.check_door_process()  # after the tick: it takes the mode's rate along
         self._collect_delivery_figures()
         self.observer.tick(wall)
         self._report_status()

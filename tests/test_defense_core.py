@@ -21,7 +21,10 @@ def ip(text: str) -> IPAddress:
 
 # The replays below run faster than real time; the strangers' overall connection rate (its
 # own test below) is lifted so that they exercise the per-name and per-source logic.
-UNLIMITED_STRANGERS = {"unknown_connections_per_second": 10**9}
+UNLIMITED_STRANGERS = {
+    "unknown_connections_per_second": 10**9,
+    "attack_unknown_connections_per_second": 10**9,
+}
 
 
 def defense(**changes: object) -> Defense:
@@ -310,6 +313,102 @@ def test_under_attack_mode_has_hysteresis_and_spares_known_good() -> None:
     assert core.under_attack
     replay.tick(61)  # calm for the full attack_exit_after
     assert not core.under_attack
+
+
+def test_under_attack_mode_starts_on_the_evidence_not_at_the_next_tick() -> None:
+    core = defense(attack_failing_sources=10, **UNLIMITED_STRANGERS)
+    replay = Replay(core)
+    outcomes = [replay.login(f"198.51.{n}.1", f"nobody{n}", correct=False) for n in range(12)]
+    # The tenth failing source starts the mode at once: the next stranger is refused before
+    # any verification, with no tick in between.
+    assert outcomes == ["wrong"] * 10 + ["refuse"] * 2
+    assert core.under_attack
+    assert replay.core.tick(replay.now) == "enter"  # reported once, at the next tick
+    assert replay.core.tick(replay.now + 1) is None
+
+
+def test_under_attack_mode_makes_strangers_retry_for_every_name() -> None:
+    core = defense(attack_failing_sources=10, **UNLIMITED_STRANGERS)
+    replay = Replay(core)
+    home = "192.0.2.10"
+    assert replay.login(home, "customer1@example.com", correct=True) == "ok"
+    for n in range(10):
+        replay.login(f"198.51.{n}.1", f"nobody{n}", correct=False)
+    assert core.under_attack
+    # No name has failed from enough sources to be under attack itself...
+    assert not core.username_under_attack("customer2@example.com", replay.now)
+    # ...but every stranger's first login is refused before hashing, for a real name and for
+    # one that does not exist alike (the answer must not tell them apart), in a way the
+    # same credentials retried from the same source may lift (the retry ticket).
+    for name, exists in (("customer2@example.com", True), ("nobody@example.com", False)):
+        gate = core.before_auth(ip("203.0.113.7"), name, replay.now, 1, exists)
+        assert gate.action is AuthAction.REFUSE and gate.retry_allowed, name
+    # A honeypot name still bans at once.
+    assert core.before_auth(ip("203.0.113.8"), "admin", replay.now, 1, False).bans
+    # Customers from their known networks log in as ever.
+    known = core.before_auth(ip(home), "customer1@example.com", replay.now, 1, True)
+    assert known.action is AuthAction.PROCEED and known.lane == "known"
+
+
+def test_password_spray_reaches_the_hash_only_until_the_relay_is_under_attack() -> None:
+    # Each name would need a thousand failing sources to be under attack on its own: only
+    # the relay's mode stops this spray.
+    core = defense(username_attack_sources=1000, **UNLIMITED_STRANGERS)
+    replay = Replay(core)
+    for n in range(5000):  # one guess from each of 5,000 addresses, the real names in turn
+        source = f"127.{70 + n // 2000}.{(n // 200) % 10}.{n % 200 + 1}"
+        replay.login(source, CUSTOMERS[n % 20], correct=False)
+    assert replay.hashed == DefenseConfig().attack_failing_sources
+    assert replay.refused_before_hash == 5000 - replay.hashed
+
+
+def test_strangers_refused_for_load_count_toward_the_mode_but_never_toward_a_ban() -> None:
+    core = defense(attack_failing_sources=10)
+    for n in range(9):
+        core.on_auth_busy(ip("198.51.100.7"), float(n))  # one source, again and again
+    core.on_auth_busy(ip("192.0.2.1"), 9.0)
+    assert not core.under_attack  # two sources
+    allowed = defense(attack_failing_sources=2, allowlist=[ipaddress.ip_network("10.0.0.0/8")])
+    allowed.on_auth_busy(ip("10.0.0.1"), 0.0)
+    allowed.on_auth_busy(ip("10.0.0.2"), 0.0)
+    assert not allowed.under_attack  # the allowlist is never evidence
+    for n in range(8):
+        core.on_auth_busy(ip(f"203.0.113.{n + 1}"), 10.0)
+    assert core.under_attack  # ten sources refused for load: more strangers than one lane
+    assert len(core.bans) == 0
+
+
+def test_under_attack_mode_lets_fewer_strangers_in_and_restores_the_rate_after() -> None:
+    core = defense(
+        unknown_connections_per_second=100,
+        attack_unknown_connections_per_second=10,
+        attack_failing_sources=3,
+        attack_exit_after=60.0,
+    )
+    now = 1000.0
+
+    def strangers_let_in_over_one_second(first: int) -> int:
+        nonlocal now
+        admitted = 0
+        for n in range(200):  # 200 new strangers, 5 ms apart
+            now += 0.005
+            address = ip(f"198.18.{first + n // 250}.{n % 250 + 1}")
+            if core.on_connect(address, now, 0, 10_000).action is Action.ALLOW:
+                admitted += 1
+                core.on_disconnect(address)
+        return admitted
+
+    assert strangers_let_in_over_one_second(0) >= 100
+    for n in range(3):
+        core.on_auth_failure(ip(f"203.0.113.{n + 1}"), "nobody", ("nobody", n), now, False)
+    assert core.under_attack
+    assert strangers_let_in_over_one_second(10) <= 12  # 10 a second, 1 at once
+    assert core.tick(now) == "enter"
+    now += 301.0  # the failures age out; calm for attack_exit_after
+    core.tick(now)
+    now += 61.0
+    assert core.tick(now) == "leave"
+    assert strangers_let_in_over_one_second(20) >= 100
 
 
 def test_monitor_mode_decides_but_enforces_nothing() -> None:

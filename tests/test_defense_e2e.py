@@ -432,7 +432,14 @@ def test_first_time_customer_told_454_in_a_flood_gets_through_on_retry(
             "verify_threads_unknown": 1,
             "verify_queue": 0,
         },
-        defense={"unknown_connections_per_second": 10_000, "connection_rate_per_prefix": 10_000},
+        defense={
+            "unknown_connections_per_second": 10_000,
+            "connection_rate_per_prefix": 10_000,
+            # The verification pool's own retry lane, out of under-attack mode (in it, no
+            # stranger reaches a hash on a first try: the test below).
+            "attack_failures_per_minute": 10**6,
+            "attack_failing_sources": 10**6,
+        },
     )
     pool = relay.server.pool
     stop = threading.Event()
@@ -483,6 +490,36 @@ def test_first_time_customer_told_454_in_a_flood_gets_through_on_retry(
             thread.join(timeout=30)
     assert send_as_alice(relay, source) == 250  # and her network is known-good from now on
     assert relay.server.defense.lane(ALICE, ipaddress.ip_address(source), time.time()) == "known"
+    assert sink.wait_for(1)
+
+
+def test_under_attack_a_first_time_customer_gets_in_on_its_retry(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    relay = start_relay(
+        auth={"failure_reply": "permanent"},
+        # The strangers' connection rate in the mode is another test's (test_strangers_door).
+        defense={"attack_failing_sources": 3, "attack_unknown_connections_per_second": 1000},
+    )
+    # Three strangers fail (made-up names, each checked): the third starts under-attack mode.
+    names = [f"bot{n}@example.com" for n in range(3)]
+    assert [guess(relay, f"127.121.{n}.1", name, "guess") for n, name in enumerate(names)] == [
+        535
+    ] * 3
+    assert relay.server.defense.under_attack
+    # From then on a stranger's first try is refused before any hashing, for a real name as
+    # for a made-up one...
+    assert guess(relay, "127.122.0.1", ALICE, "a guess") == 454
+    assert guess(relay, "127.122.0.2", "nobody@example.com", "a guess") == 454
+    # ...so alice's server, from a network it has never used, is told 454 too...
+    client = session(relay, "127.123.0.1")
+    try:
+        assert auth(client, ALICE, ALICE_PASSWORD) == 454
+    finally:
+        client.close()
+    # ...and gets in on its retry: the same password from the same address.
+    time.sleep(RETRY_TICKET_MIN_AGE)
+    assert send_as_alice(relay, "127.123.0.1") == 250
     assert sink.wait_for(1)
 
 

@@ -20,6 +20,7 @@ from mailfence.smtp import replies
 from mailfence.smtp.strangers_door import StrangersDoorProcess
 from mailfence.testing import RunningRelay
 from tests.conftest import StartRelay
+from tests.test_defense_e2e import guess
 
 
 def banner(relay: RunningRelay, source: str) -> bytes:
@@ -73,6 +74,30 @@ def test_strangers_over_their_rate_are_refused_without_the_relays_loop(
     counters = relay.server.defense.counters
     wait_for(lambda: counters.connections_refused["limit"] >= 9)  # in the relay's figures
     assert relay.server.listeners.accepted_from["common"] >= 11
+
+
+def test_under_attack_the_door_process_lets_fewer_strangers_in(start_relay: StartRelay) -> None:
+    relay = start_relay(
+        defense={
+            "door_process": True,
+            "unknown_connections_per_second": 1000,
+            "attack_unknown_connections_per_second": 1,
+            "attack_failing_sources": 3,
+        },
+        auth={"failure_reply": "permanent"},
+    )
+    door_process(relay)
+    assert all(banner(relay, f"127.71.0.{n}").startswith(b"220 ") for n in range(1, 21))
+    # Three strangers' wrong passwords: under-attack mode, and its rate for strangers.
+    codes = [guess(relay, f"127.72.{n}.1", f"bot{n}@example.com", "guess") for n in range(3)]
+    assert codes == [535] * 3
+    assert relay.server.defense.under_attack
+    too_many = replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+    # The door process is told within a second or two (housekeeping's tick)...
+    wait_for(lambda: banner(relay, "127.73.0.1") == too_many)
+    # ...and lets one stranger a second in, where a thousand got in before.
+    answers = [banner(relay, f"127.73.1.{n}") for n in range(1, 21)]
+    assert answers.count(too_many) >= 15  # (a slow machine may let a second or two pass)
 
 
 def test_a_ban_from_the_cli_is_enforced_by_the_door_process(

@@ -93,6 +93,11 @@ class Defense:
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self.strangers = StrangersDoor(config.unknown_connections_per_second)
+        # (normal, under attack): both fixed at start, like the door they set.
+        self._strangers_rates = (
+            config.unknown_connections_per_second,
+            config.attack_unknown_connections_per_second,
+        )
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -105,6 +110,7 @@ class Defense:
         self.under_attack = False
         self.attack_reason = ""
         self._calm_since: float | None = None
+        self._change: str | None = None  # a change of mode the next tick reports
         self.counters = DefenseCounters()
         self._network_cache: dict[IPAddress, tuple[IPNetwork, IPNetwork]] = {}
 
@@ -289,18 +295,24 @@ class Defense:
                 self.source_of(address), now, "honeypot user name tried", {"usernames": [username]}
             )
             return AuthGate(AuthAction.REFUSE, lane, "honeypot user name", bans=tuple(made))
-        # Strangers are refused for a name under attack, without hashing. A customer logging
-        # in for the first time is one of them: its server's retry (the same password from the
-        # same source) is let through to the hash.
-        if lane == "unknown" and self.username_under_attack(username, now):
-            # Still evidence of the attack: keeps the name and the relay's mode hot although
-            # nothing is hashed any more.
-            source = self.source_of(address)
-            self._failing_sources_by_user.add(username, source, now)
-            self._global_failures.add("all", now)
-            self._global_sources.add("all", source, now)
-            return AuthGate(AuthAction.REFUSE, lane, "user name under attack", retry_allowed=True)
-        return AuthGate(AuthAction.PROCEED, lane)
+        if lane != "unknown":
+            return AuthGate(AuthAction.PROCEED, lane)
+        # Strangers are refused without hashing for a name under attack, and for every name
+        # while the relay is under attack (whether the name exists or not, so the answer
+        # does not tell). A customer logging in for the first time is one of them: its
+        # server's retry (the same password from the same source) is let through to the hash.
+        if self.under_attack:
+            reason = "under attack: strangers retry"
+        elif self.username_under_attack(username, now):
+            reason = "user name under attack"
+        else:
+            return AuthGate(AuthAction.PROCEED, lane)
+        # Still evidence of the attack: keeps the name and the relay's mode hot although
+        # nothing is hashed any more.
+        source = self.source_of(address)
+        self._failing_sources_by_user.add(username, source, now)
+        self._attack_evidence(source, now)
+        return AuthGate(AuthAction.REFUSE, lane, reason, retry_allowed=True)
 
     def username_under_attack(self, username: str, now: float) -> bool:
         count = self._failing_sources_by_user.count(username, now)
@@ -330,8 +342,7 @@ class Defense:
         self._failures.add(source, (username, fingerprint), now)
         if self.lane(username, address, now) == "unknown":
             self._failing_sources_by_user.add(username, source, now)
-        self._global_failures.add("all", now)
-        self._global_sources.add("all", source, now)
+        self._attack_evidence(source, now)
         failures = self._failures.count(source, now)
         if failures < self.config.ban_after_failures or self.bans.find(address, now):
             return []
@@ -350,6 +361,25 @@ class Defense:
             "last_seen": now,
         }
         return self._ban(source, now, f"{failures} wrong passwords", evidence)
+
+    def on_auth_busy(self, address: IPAddress, now: float) -> None:
+        """A stranger's login refused because the strangers' share of the verification pool
+        is taken: more strangers are logging in than the relay verifies. Evidence for the
+        relay's mode (more of them come than one lane can take only in a flood), never
+        toward a ban: no password was found wrong."""
+        if not self.allowed(address):
+            self._attack_evidence(self.source_of(address), now)
+
+    def _attack_evidence(self, source: IPNetwork, now: float) -> None:
+        """A failed or refused login from a stranger, toward under-attack mode. The mode
+        starts here, at once, rather than at the next tick: in a flood's first second,
+        strangers still reach argon2 until it does."""
+        self._global_failures.add("all", now)
+        self._global_sources.add("all", source, now)
+        if not self.under_attack:
+            rate, sources = self._attack_figures(now)
+            if self._hot(rate, sources):
+                self._enter(rate, sources)
 
     def on_auth_success(self, address: IPAddress, username: str, now: float) -> bool:
         """Remembers a known-good pair. True when it is new (worth persisting now)."""
@@ -464,24 +494,23 @@ class Defense:
     # --- time ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> str | None:
-        """Once a second: expiry and under-attack mode. Returns 'enter'/'leave' on a change."""
+        """Once a second: expiry and under-attack mode. Returns 'enter'/'leave' on a change
+        since the last tick (the mode may have started in between, on evidence)."""
         self.bans.expire(now)
         config = self.config
-        rate = self._global_failures.count("all", now) * 60.0 / ATTACK_RATE_WINDOW
-        sources = self._global_sources.count("all", now)
-        hot = rate >= config.attack_failures_per_minute or sources >= config.attack_failing_sources
-        calm = (
-            rate < config.attack_failures_per_minute / 2
-            and sources < config.attack_failing_sources / 2
-        )
-        if hot or self.under_attack:
-            self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
-        if not self.under_attack and hot:
-            self.under_attack = True
-            self._calm_since = None
-            log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
-            return "enter"
+        rate, sources = self._attack_figures(now)
+        if not self.under_attack and self._hot(rate, sources):
+            self._enter(rate, sources)
         if self.under_attack:
+            self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
+        change, self._change = self._change, None
+        if change is not None:
+            return change
+        if self.under_attack:
+            calm = (
+                rate < config.attack_failures_per_minute / 2
+                and sources < config.attack_failing_sources / 2
+            )
             if not calm:
                 self._calm_since = None
             elif self._calm_since is None:
@@ -489,9 +518,29 @@ class Defense:
             elif now - self._calm_since >= config.attack_exit_after:
                 self.under_attack = False
                 self._calm_since = None
+                self.strangers.set_rate(self._strangers_rates[0])
                 log.warning("attack over: %.0f failed logins/min from %d sources", rate, sources)
                 return "leave"
         return None
+
+    def _attack_figures(self, now: float) -> tuple[float, int]:
+        """(failed logins per minute, distinct failing sources) for under-attack mode."""
+        rate = self._global_failures.count("all", now) * 60.0 / ATTACK_RATE_WINDOW
+        return rate, self._global_sources.count("all", now)
+
+    def _hot(self, rate: float, sources: int) -> bool:
+        config = self.config
+        return rate >= config.attack_failures_per_minute or sources >= config.attack_failing_sources
+
+    def _enter(self, rate: float, sources: int) -> None:
+        self.under_attack = True
+        self._calm_since = None
+        self._change = "enter"
+        # Each stranger let in costs a TLS handshake on the customers' event loop, and in
+        # this mode it gets one AUTH, refused unless it is a retry: let fewer in.
+        self.strangers.set_rate(self._strangers_rates[1])
+        self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
+        log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
 
     def housekeeping(self, now: float) -> None:
         """Every minute or so: forget windows that have emptied."""

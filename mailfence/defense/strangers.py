@@ -30,6 +30,15 @@ class StrangersDoor:
         self._patient_rate = TokenBucket(patient, patient)
         self._refused: dict[IPAddress, float] = {}  # stranger -> its last refusal here
 
+    @property
+    def rate(self) -> float:
+        return self._rate.rate
+
+    def set_rate(self, per_second: float) -> None:
+        """A new shared rate (under-attack mode's, or back to normal); the patient door's
+        stays as it is, so a customer's retry gets in through it all the same."""
+        self._rate.set_rate(per_second, per_second / 10)
+
     def admit(self, address: IPAddress, now: float) -> bool:
         return self._rate.take(now) or self._patient(address, now)
 

@@ -131,6 +131,11 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp: float | None = None
 
+    def set_rate(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self._tokens = min(self._tokens, self.burst)
+
     def take(self, now: float) -> bool:
         if self._stamp is not None:
             # A clock stepped back must not drain the bucket (and refuse everyone for as long).

@@ -209,6 +209,8 @@ class RelayHandler:
             return AuthResult(success=True, auth_data=verdict.user, message=replies.AUTH_OK)
         server.phase = "ehlo"
         if verdict.outcome is Outcome.BUSY:
+            if answered_lane != "known":
+                defense.on_auth_busy(address, now)
             return self._failure(replies.AUTH_TEMPORARY_FAILURE)
         if verdict.outcome is Outcome.DISABLED:
             return self._failure(replies.AUTH_DISABLED)

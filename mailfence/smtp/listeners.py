@@ -378,8 +378,11 @@ class Listeners:
         self.defense.counters.connections_refused.update(refused)
 
     def check_door_process(self) -> None:
+        """Once a second: a child that died is started again, and it is told the strangers'
+        rate of the defense's mode (under attack, fewer strangers get in)."""
         if self.strangers_door is not None:
             self.strangers_door.check()
+            self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
 
     def _accepted_on(self, listener: Listener, queue: str) -> Callable[[socket.socket, Any], None]:
         accepted_from = self.accepted_from

@@ -16,7 +16,8 @@ relay's bans, allowlist and customers' networks are kept in.
 Messages on the channel (SOCK_SEQPACKET, one per datagram):
   child -> relay: b"R" ready; b"P<listener> <address>" with a descriptor, a passed
   connection; b"C" + JSON, its counts so far (cumulative).
-  relay -> child: nothing; the channel closing means the relay is gone, and the child exits.
+  relay -> child: b"S<rate>", the strangers' shared rate per second (under-attack mode's,
+  or back to normal). The channel closing means the relay is gone, and the child exits.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class StrangersDoorProcess:
         self.ready = False
         self.restarts = 0
         self.wanted = False
+        # The strangers' rate the relay's defense wants, and the one the child was last sent
+        # (None: its configuration's, as it started).
+        self.strangers_rate: float | None = None
+        self._sent_rate: float | None = None
 
     def start(self) -> None:
         self.wanted = True
@@ -126,10 +131,28 @@ class StrangersDoorProcess:
                 self._take(message, fds[0])
             elif message == b"R":
                 self.ready = True
+                self._sent_rate = None
+                self._send_rate()
                 for door in self.fallback:  # the child accepts from here on
                     door.hold()
             elif message.startswith(b"C"):
                 self._count(message[1:])
+
+    def set_strangers_rate(self, rate: float) -> None:
+        """The strangers' shared rate, from the relay's defense (once a second): sent to
+        the child when it changes, and again to a child started since."""
+        self.strangers_rate = rate
+        self._send_rate()
+
+    def _send_rate(self) -> None:
+        rate = self.strangers_rate
+        if rate is None or rate == self._sent_rate or not self.ready or self._channel is None:
+            return
+        try:
+            self._channel.send(b"S%r" % rate)
+        except OSError:
+            return  # a full channel: the next second's call sends it
+        self._sent_rate = rate
 
     def _take(self, message: bytes, fd: int) -> None:
         connection = socket.socket(fileno=fd)
@@ -301,17 +324,29 @@ def _child_main(
             acceptor = acceptors.get(fd)
             if acceptor is not None:
                 acceptor.accept_batch()
-            elif not _parent_alive(channel):
+            elif not _from_relay(channel, keeper):
                 return
 
 
-def _parent_alive(channel: socket.socket) -> bool:
-    try:
-        return bool(channel.recv(16))
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
+def _from_relay(channel: socket.socket, keeper: _Keeper) -> bool:
+    """Reads the relay's messages; False when the relay is gone."""
+    for _ in range(16):
+        try:
+            message = channel.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if not message:
+            return False
+        if message.startswith(b"S"):
+            try:
+                rate = float(message[1:])
+            except ValueError:
+                continue
+            if rate > 0:
+                keeper.strangers.set_rate(rate)
+    return True
 
 
 def _report(channel: socket.socket, keeper: _Keeper) -> None:
