@@ -182,9 +182,11 @@ def _bounded_put(table: dict[K, V], limit: int, key: K, value: V) -> None:
 # same user and password from the same source (a real server retrying; a bot guesses anew).
 LANES = ("known", "retry", "unknown")
 RETRY_QUEUE = 32
-RETRY_TICKET_SECONDS = 600.0
+# An hour: a mail server's retries after a 4xx come minutes apart (Postfix: 5, then 10, then
+# 20 minutes), and in a flood its next connection may be turned away at the door once more.
+RETRY_TICKET_SECONDS = 3600.0
 RETRY_TICKET_MIN_AGE = 1.0  # concurrent copies of one attempt are not retries
-MAX_RETRY_TICKETS = 10_000
+MAX_RETRY_TICKETS = 50_000  # a flood's refused strangers add about 10 a second
 
 
 class VerificationPool:

@@ -62,6 +62,8 @@ class Replay:
             gate = self.core.before_auth(address, user, self.now, 1, user in self.users)
             if gate.action is not AuthAction.PROCEED:
                 self.refused_before_hash += 1
+                if gate.retry_allowed:  # the relay's authenticator holds no ticket for it
+                    self.core.on_auth_refused(address, user, self.now)
                 return str(gate.action.value)
             if correct:
                 self.core.on_auth_success(address, user, self.now)
@@ -411,6 +413,38 @@ def test_under_attack_mode_lets_fewer_strangers_in_and_restores_the_rate_after()
     assert strangers_let_in_over_one_second(20) >= 100
 
 
+def test_the_mode_never_lets_more_strangers_in_than_the_normal_rate() -> None:
+    core = defense(unknown_connections_per_second=5, attack_unknown_connections_per_second=10)
+    core.on_auth_busy(ip("203.0.113.1"), 0.0)
+    for n in range(60):
+        core.on_auth_failure(ip(f"198.51.{n}.1"), "nobody", ("nobody", n), 1.0, False)
+    assert core.under_attack
+    assert core.strangers.rate == 5
+
+
+def test_strangers_let_through_on_a_retry_do_not_keep_the_mode_on() -> None:
+    core = defense(attack_failing_sources=10, attack_exit_after=60.0, **UNLIMITED_STRANGERS)
+    replay = Replay(core)
+    for n in range(10):
+        replay.login(f"198.51.{n}.1", f"nobody{n}", correct=False)
+    assert core.under_attack and replay.core.tick(replay.now) == "enter"
+    # Twenty minutes of new customers, one every two minutes: while the mode lasts, each is
+    # refused once (that counts), then let in on its server's retry (the authenticator's
+    # ticket: that does not count).
+    first_tries = []
+    for n in range(10):
+        address = ip(f"203.0.{n}.7")
+        replay.now += 120.0
+        gate = core.before_auth(address, "customer1@example.com", replay.now, 1, True)
+        first_tries.append(gate.action)
+        if gate.action is AuthAction.REFUSE:
+            core.on_auth_refused(address, "customer1@example.com", replay.now)
+        core.on_auth_success(address, "customer1@example.com", replay.now + 1)
+        replay.tick(0.0)
+    assert first_tries[0] is AuthAction.REFUSE and first_tries[-1] is AuthAction.PROCEED
+    assert not core.under_attack  # new customers trickling in are calm: the mode ended
+
+
 def test_monitor_mode_decides_but_enforces_nothing() -> None:
     core = defense(mode="monitor")
     replay = Replay(core)
@@ -445,7 +479,7 @@ def test_a_new_customer_refused_at_the_door_in_a_flood_gets_in_on_retry() -> Non
     customer = ip("198.51.100.200")
     sent = 0
     seen: dict[str, list[Action]] = {"customer": [], "bots": []}
-    for tenth in range(300):  # 30 seconds of 1,000 bot connections a second, all at once
+    for tenth in range(600):  # 60 seconds of 1,000 bot connections a second, all at once
         now = 1000.0 + tenth / 10
         for _ in range(100):
             address = bots[sent % len(bots)]
@@ -454,12 +488,15 @@ def test_a_new_customer_refused_at_the_door_in_a_flood_gets_in_on_retry() -> Non
             seen["bots"].append(action)
             if action is Action.ALLOW:
                 core.on_disconnect(address)
-        if tenth in (5, 200):  # the customer's first try, then its server's retry 19.5 s later
+        # The customer's first try, its server's retry 19.5 s later, and the next one 20 s
+        # after that (under attack, the first connection let in only earns a retry ticket).
+        if tenth in (5, 200, 400):
             seen["customer"].append(core.on_connect(customer, now, 0, 1000).action)
-    assert seen["customer"] == [Action.LIMIT, Action.ALLOW]
+            core.on_disconnect(customer)
+    assert seen["customer"] == [Action.LIMIT, Action.ALLOW, Action.ALLOW]
     # Bots reconnecting at once never count as patient: strangers stay at their rate.
     admitted = seen["bots"].count(Action.ALLOW)
-    assert admitted <= 100 * 30 + 10
+    assert admitted <= 100 * 60 + 10
 
 
 def test_the_door_memory_of_refused_strangers_is_bounded() -> None:

@@ -332,6 +332,22 @@ def test_monitor_mode_enforces_nothing(start_relay: StartRelay) -> None:
     assert relay.server.defense.counters.would_have["ban"] >= 1
 
 
+def test_monitor_mode_under_attack_keeps_strangers_idle_timeout(start_relay: StartRelay) -> None:
+    relay = start_relay(
+        defense={"mode": "monitor", "attack_failing_sources": 2, "attack_session_timeout": 1},
+        auth={"failure_reply": "permanent"},
+    )
+    assert guess(relay, "127.67.0.1", "a@example.com", "x") == 535
+    assert guess(relay, "127.67.1.1", "b@example.com", "x") == 535
+    assert relay.server.defense.under_attack  # the mode is reported...
+    client = session(relay, "127.67.2.1")
+    try:
+        time.sleep(2.0)  # ...but not enforced: past the mode's 1 s idle timeout, still open
+        assert client.noop()[0] == 250
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("limit", [2])
 def test_per_address_connection_limit(start_relay: StartRelay, limit: int) -> None:
     relay = start_relay(defense={"max_connections_per_ip": limit})

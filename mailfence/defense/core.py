@@ -93,11 +93,10 @@ class Defense:
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self.strangers = StrangersDoor(config.unknown_connections_per_second)
-        # (normal, under attack): both fixed at start, like the door they set.
-        self._strangers_rates = (
-            config.unknown_connections_per_second,
-            config.attack_unknown_connections_per_second,
-        )
+        # (normal, under attack): both fixed at start, like the door they set. The mode
+        # never lets more strangers in than the normal rate does.
+        normal = config.unknown_connections_per_second
+        self._strangers_rates = (normal, min(config.attack_unknown_connections_per_second, normal))
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -307,11 +306,6 @@ class Defense:
             reason = "user name under attack"
         else:
             return AuthGate(AuthAction.PROCEED, lane)
-        # Still evidence of the attack: keeps the name and the relay's mode hot although
-        # nothing is hashed any more.
-        source = self.source_of(address)
-        self._failing_sources_by_user.add(username, source, now)
-        self._attack_evidence(source, now)
         return AuthGate(AuthAction.REFUSE, lane, reason, retry_allowed=True)
 
     def username_under_attack(self, username: str, now: float) -> bool:
@@ -362,18 +356,28 @@ class Defense:
         }
         return self._ban(source, now, f"{failures} wrong passwords", evidence)
 
+    def on_auth_refused(self, address: IPAddress, username: str, now: float) -> None:
+        """A stranger's login refused before hashing (a name under attack, under-attack
+        mode), once the refusal stands: a retry the authenticator lets through is not
+        counted. Still evidence of the attack: keeps the name and the relay's mode hot
+        although nothing is hashed any more."""
+        source = self.source_of(address)
+        self._failing_sources_by_user.add(username, source, now)
+        self._attack_evidence(source, now)
+
     def on_auth_busy(self, address: IPAddress, now: float) -> None:
         """A stranger's login refused because the strangers' share of the verification pool
-        is taken: more strangers are logging in than the relay verifies. Evidence for the
-        relay's mode (more of them come than one lane can take only in a flood), never
-        toward a ban: no password was found wrong."""
-        if not self.allowed(address):
+        is taken: more strangers are logging in than the relay verifies. Evidence toward
+        entering under-attack mode (more of them come than one lane can take only in a
+        flood), never toward a ban (no password was found wrong), nor toward staying in it:
+        in the mode, strangers' first tries never reach the pool anyway."""
+        if not self.under_attack and not self.allowed(address):
             self._attack_evidence(self.source_of(address), now)
 
     def _attack_evidence(self, source: IPNetwork, now: float) -> None:
-        """A failed or refused login from a stranger, toward under-attack mode. The mode
-        starts here, at once, rather than at the next tick: in a flood's first second,
-        strangers still reach argon2 until it does."""
+        """A failed or refused login, toward under-attack mode. The mode starts here, at
+        once, rather than at the next tick: in a flood's first second, strangers still
+        reach argon2 until it does."""
         self._global_failures.add("all", now)
         self._global_sources.add("all", source, now)
         if not self.under_attack:

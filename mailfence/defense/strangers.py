@@ -46,12 +46,14 @@ class StrangersDoor:
         # A bot reconnecting at once keeps resetting its clock and never qualifies.
         last = self._refused.pop(address, None)
         patient = last is not None and PATIENT_RETRY_AFTER <= now - last <= PATIENT_MEMORY
-        if patient and self._patient_rate.take(now):
-            return True
+        admitted = patient and self._patient_rate.take(now)
+        # Remembered when let in too: a mail server's next retry, minutes later, finds this
+        # door again (in under-attack mode its first admission only earns a retry ticket,
+        # which the next one redeems).
         self._refused[address] = now
         if len(self._refused) > MAX_REMEMBERED_REFUSALS:
             del self._refused[next(iter(self._refused))]  # dicts keep order: the oldest
-        return False
+        return admitted
 
     def __len__(self) -> int:
         """Strangers remembered as refused (bounded by MAX_REMEMBERED_REFUSALS)."""

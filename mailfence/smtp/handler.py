@@ -169,6 +169,7 @@ class RelayHandler:
             if not (gate.retry_allowed and self.authenticator.redeem(name, password, source)):
                 if gate.retry_allowed:
                     self.authenticator.issue(name, password, source)
+                    defense.on_auth_refused(address, name, now)
                 totals.auth_outcome("refused", "gate")
                 server.auth_result = "refused"
                 _log_refusal(name, address, gate.reason)

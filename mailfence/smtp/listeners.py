@@ -260,7 +260,7 @@ class Listeners:
             return _CONNECT_REPLY[verdict.action]
         session.address = client
         session.proxied_admitted = True
-        if self.defense.under_attack and not verdict.known_good:
+        if self.defense.under_attack and not verdict.known_good and not self.defense.monitor:
             session.set_unauthenticated_timeout(self.config.defense.attack_session_timeout)
         return None
 
@@ -292,7 +292,7 @@ class Listeners:
             address=address,
             on_close=self.release,
         )
-        if self.defense.under_attack and not verdict.known_good:
+        if self.defense.under_attack and not verdict.known_good and not self.defense.monitor:
             # Under attack, strangers get a short leash until they log in.
             session.set_unauthenticated_timeout(self.config.defense.attack_session_timeout)
         return session
@@ -365,6 +365,8 @@ class Listeners:
                 self._passed,
                 self._counted,
             )
+            # Under attack already (a reload restarts the child): its rate from the start.
+            self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
             self.strangers_door.start()
 
     def _passed(self, index: int, connection: socket.socket, address: str) -> None:
