@@ -415,7 +415,6 @@ def test_under_attack_mode_lets_fewer_strangers_in_and_restores_the_rate_after()
 
 def test_the_mode_never_lets_more_strangers_in_than_the_normal_rate() -> None:
     core = defense(unknown_connections_per_second=5, attack_unknown_connections_per_second=10)
-    core.on_auth_busy(ip("203.0.113.1"), 0.0)
     for n in range(60):
         core.on_auth_failure(ip(f"198.51.{n}.1"), "nobody", ("nobody", n), 1.0, False)
     assert core.under_attack

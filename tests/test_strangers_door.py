@@ -109,7 +109,6 @@ def test_under_attack_the_door_process_lets_fewer_strangers_in(start_relay: Star
     first = child_pid(door)
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: door._process is not None and door._process.pid != first and door.ready)
-    probes = iter(range(1, 250))
     wait_for(lambda: refused_at_the_door(74))
     answers = [banner(relay, f"127.74.1.{n}") for n in range(1, 21)]
     assert answers.count(too_many) >= 15

@@ -93,10 +93,12 @@ class Defense:
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self.strangers = StrangersDoor(config.unknown_connections_per_second)
-        # (normal, under attack): both fixed at start, like the door they set. The mode
-        # never lets more strangers in than the normal rate does.
-        normal = config.unknown_connections_per_second
-        self._strangers_rates = (normal, min(config.attack_unknown_connections_per_second, normal))
+        # Both fixed at start, like the door they set. The mode never lets more strangers
+        # in than the normal rate does.
+        self._strangers_rate = config.unknown_connections_per_second
+        self._attack_strangers_rate = min(
+            config.attack_unknown_connections_per_second, self._strangers_rate
+        )
         self._failures: DistinctWindow[IPNetwork] = DistinctWindow(window)
         self._failing_sources_by_user: DistinctWindow[str] = DistinctWindow(window)
         self._banned_in_prefix: DistinctWindow[IPNetwork] = DistinctWindow(window)
@@ -506,7 +508,7 @@ class Defense:
         if not self.under_attack and self._hot(rate, sources):
             self._enter(rate, sources)
         if self.under_attack:
-            self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
+            self.attack_reason = _attack_reason(rate, sources)
         change, self._change = self._change, None
         if change is not None:
             return change
@@ -522,7 +524,7 @@ class Defense:
             elif now - self._calm_since >= config.attack_exit_after:
                 self.under_attack = False
                 self._calm_since = None
-                self.strangers.set_rate(self._strangers_rates[0])
+                self.strangers.set_rate(self._strangers_rate)
                 log.warning("attack over: %.0f failed logins/min from %d sources", rate, sources)
                 return "leave"
         return None
@@ -542,8 +544,8 @@ class Defense:
         self._change = "enter"
         # Each stranger let in costs a TLS handshake on the customers' event loop, and in
         # this mode it gets one AUTH, refused unless it is a retry: let fewer in.
-        self.strangers.set_rate(self._strangers_rates[1])
-        self.attack_reason = f"{rate:.0f} failed logins/min from {sources} sources"
+        self.strangers.set_rate(self._attack_strangers_rate)
+        self.attack_reason = _attack_reason(rate, sources)
         log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
 
     def housekeeping(self, now: float) -> None:
@@ -552,3 +554,7 @@ class Defense:
             window.expire(now)
         for distinct in (self._failures, self._failing_sources_by_user, self._banned_in_prefix):
             distinct.expire(now)
+
+
+def _attack_reason(rate: float, sources: int) -> str:
+    return f"{rate:.0f} failed logins/min from {sources} sources"

@@ -20,11 +20,14 @@ PATIENT_MEMORY = 3600.0
 MAX_REMEMBERED_REFUSALS = 100_000
 
 
+# A tenth of a second's worth at once: the TLS handshakes of admitted strangers are spread
+# out instead of arriving on the event loop together.
+BURST_SECONDS = 0.1
+
+
 class StrangersDoor:
     def __init__(self, per_second: float) -> None:
-        # A tenth of a second's worth at once: the TLS handshakes of admitted strangers are
-        # spread out instead of arriving on the event loop together.
-        self._rate = TokenBucket(per_second, per_second / 10)
+        self._rate = TokenBucket(per_second, per_second * BURST_SECONDS)
         # The patient door has a rate of its own: bots could learn to wait, too.
         patient = max(1.0, per_second / 5)
         self._patient_rate = TokenBucket(patient, patient)
@@ -37,7 +40,7 @@ class StrangersDoor:
     def set_rate(self, per_second: float) -> None:
         """A new shared rate (under-attack mode's, or back to normal); the patient door's
         stays as it is, so a customer's retry gets in through it all the same."""
-        self._rate.set_rate(per_second, per_second / 10)
+        self._rate.set_rate(per_second, per_second * BURST_SECONDS)
 
     def admit(self, address: IPAddress, now: float) -> bool:
         return self._rate.take(now) or self._patient(address, now)

@@ -126,12 +126,12 @@ class TokenBucket:
     """
 
     def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, burst)
-        self._tokens = self.burst
+        self._tokens = float("inf")  # full: set_rate caps it at the burst
         self._stamp: float | None = None
+        self.set_rate(rate, burst)
 
     def set_rate(self, rate: float, burst: float) -> None:
+        """A new rate and burst; tokens saved beyond the new burst are dropped."""
         self.rate = rate
         self.burst = max(1.0, burst)
         self._tokens = min(self._tokens, self.burst)
