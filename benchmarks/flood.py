@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/flood.py [--mode concentrated|distributed|spray|all]
         [--baseline 20] [--flood 20] [--recovery 20] [--floor 20] [--bots 200]
         [--bot-processes 2] [--bot-nice 10] [--relay-door] [--defense "KEY = VALUE" ...]
+        [--repeat 1]
 
 For each mode, a fresh `mailfence serve` (its own state directory, the [defense] defaults,
 `auth.failure_reply = "permanent"` so that 535 means "a password was checked", a generous
@@ -83,6 +84,10 @@ phase it is the second largest, with 50 it would be the max):
   7. reported, not a goal of the issue: the floor phase's p99 against the baseline (what the
      machine alone does to the customers), and the flood's p99 against the floor (what
      mailfence's handling of the bots adds on top of that).
+
+One run's p99 of 100 messages is decided by its two slowest, and on a shared 2-core machine a
+stall of 10-20 ms now and then is enough: --repeat N runs the modes N times over, interleaved,
+each with a fresh relay, and counts the runs in which each goal was met.
 
 The bots run with --bot-nice (default 10) so that on this 2-core machine, where they share the
 CPUs with the relay, they take what the relay leaves rather than half of it: real bots run on
@@ -980,7 +985,16 @@ MODE_DESCRIPTION = {
 }
 
 
-def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool | None]]:
+@dataclass
+class Verdict:
+    """One run of one mode, judged: the goals, and the p99 ratios the 1.5x goal is about."""
+
+    goals: list[tuple[str, bool | None]]
+    flood: tuple[float, float]  # customers' p99 in the flood / the baseline's: (auth, 250)
+    floor: tuple[float, float]  # the floor's / the baseline's
+
+
+def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
     print()
     print(f"=== {result.mode}: {args.bots} bot connections, {MODE_DESCRIPTION[result.mode]}")
     by_phase: list[list[MessageRow]] = [[] for _ in PHASES]
@@ -1176,10 +1190,42 @@ def report(result: ModeResult, args: argparse.Namespace) -> list[tuple[str, bool
     for label, met in goals:
         mark = "reported" if met is None else verdict(met)
         print(f"  [{mark}] {label}")
-    return goals
+
+    def ratios(phase: int) -> tuple[float, float]:
+        return (
+            p99(to_auth[phase]) / p99(to_auth[0]) if to_auth[phase] and to_auth[0] else 0.0,
+            p99(to_250[phase]) / p99(to_250[0]) if to_250[phase] and to_250[0] else 0.0,
+        )
+
+    return Verdict(goals, ratios(1), ratios(3))
 
 
 # --- main -----------------------------------------------------------------------------------
+
+
+def print_summary(summary: list[tuple[str, Verdict]], modes: tuple[str, ...]) -> None:
+    print()
+    print("summary (p99 ratios to the baseline: in the flood auth / 250; the floor auth / 250)")
+    for mode, judged in summary:
+        marks = ", ".join(
+            f"{i + 1} {'reported' if ok is None else verdict(ok)}"
+            for i, (_, ok) in enumerate(judged.goals)
+        )
+        print(
+            f"  {mode:<13} {marks}; flood {judged.flood[0]:.2f}x / {judged.flood[1]:.2f}x,"
+            f" floor {judged.floor[0]:.2f}x / {judged.floor[1]:.2f}x"
+        )
+    if len(summary) == len(modes):
+        return
+    print("goals met, runs of each mode:")
+    for mode in modes:
+        runs = [judged.goals for name, judged in summary if name == mode]
+        counts = ", ".join(
+            f"{i + 1}: {sum(1 for goals in runs if goals[i][1])} of {len(runs)}"
+            for i in range(len(runs[0]))
+            if runs[0][i][1] is not None
+        )
+        print(f"  {mode:<13} {counts}")
 
 
 def main() -> None:
@@ -1195,6 +1241,14 @@ def main() -> None:
     parser.add_argument("--bots", type=int, default=200, help="concurrent bot connections")
     parser.add_argument("--bot-processes", type=int, default=2)
     parser.add_argument("--bot-nice", type=int, default=10, help="os.nice() of the bots")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the modes this many times over (interleaved) and count how often each goal"
+        " was met: one run's p99 of 100 messages is the second slowest, so one unlucky"
+        " message decides the 1.5x goal",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument(
         "--relay-door",
@@ -1215,29 +1269,27 @@ def main() -> None:
             parser.error(f"--{name} must be from 1 to 600 seconds")
     if not 1 <= args.bots <= 5000 or not 1 <= args.bot_processes <= 16:
         parser.error("--bots must be 1..5000 and --bot-processes 1..16")
+    if not 1 <= args.repeat <= 20:
+        parser.error("--repeat must be 1..20")
     args.bot_processes = min(args.bot_processes, args.bots)
     modes = MODES if args.mode == "all" else (args.mode,)
 
     directory = Path(tempfile.mkdtemp(prefix="mailfence-flood-"))
-    summary: list[tuple[str, list[tuple[str, bool | None]]]] = []
+    summary: list[tuple[str, Verdict]] = []
     try:
         sink = Sink(directory)
         with stopping(sink):
             print(f"upstream: {sink.description}; {os.cpu_count()} CPUs", flush=True)
             print(f"creating {CUSTOMERS} accounts ...", flush=True)
             template, passwords = make_accounts(directory, sink.port)
-            for mode in modes:
-                print(f"mode {mode}: fresh relay state", flush=True)
-                result = run_mode(mode, args, directory, template, sink, passwords)
-                summary.append((mode, report(result, args)))
-        print()
-        print("summary")
-        for mode, goals in summary:
-            marks = ", ".join(
-                f"{i + 1} {'reported' if ok is None else verdict(ok)}"
-                for i, (_, ok) in enumerate(goals)
-            )
-            print(f"  {mode:<13} {marks}")
+            for run in range(args.repeat):
+                for mode in modes:
+                    which = f" (run {run + 1} of {args.repeat})" if args.repeat > 1 else ""
+                    print(f"mode {mode}{which}: fresh relay state", flush=True)
+                    where = directory / f"run-{run + 1}"  # each run's relay state, kept apart
+                    result = run_mode(mode, args, where, template, sink, passwords)
+                    summary.append((mode, report(result, args)))
+        print_summary(summary, modes)
     finally:
         if args.keep:
             print(f"kept {directory}")
