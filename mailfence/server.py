@@ -173,6 +173,7 @@ class Server:
         # The upstream password delivery runs with (or will, once a reload's restart is done).
         self.upstream_password = self.delivery.upstream_password
         self.listeners = Listeners(config, self.handler, self.tls, self.defense)
+        self.defense.on_strangers_rate = self.listeners.strangers_rate_changed
         self.observer = Observer(
             config, self.defense, self.pool, self.spool, self.listeners, time.time()
         )

@@ -388,6 +388,8 @@ def test_under_attack_mode_lets_fewer_strangers_in_and_restores_the_rate_after()
         attack_exit_after=60.0,
     )
     now = 1000.0
+    told: list[float] = []  # what the door process would be told, as it happens
+    core.on_strangers_rate = told.append
 
     def strangers_let_in_over_one_second(first: int) -> int:
         nonlocal now
@@ -404,12 +406,14 @@ def test_under_attack_mode_lets_fewer_strangers_in_and_restores_the_rate_after()
     for n in range(3):
         core.on_auth_failure(ip(f"203.0.113.{n + 1}"), "nobody", ("nobody", n), now, False)
     assert core.under_attack
+    assert told == [10]  # at once, not at the next tick
     assert strangers_let_in_over_one_second(10) <= 12  # 10 a second, 1 at once
     assert core.tick(now) == "enter"
     now += 301.0  # the failures age out; calm for attack_exit_after
     core.tick(now)
     now += 61.0
     assert core.tick(now) == "leave"
+    assert told == [10, 100]
     assert strangers_let_in_over_one_second(20) >= 100
 
 

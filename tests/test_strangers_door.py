@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -112,6 +113,51 @@ def test_under_attack_the_door_process_lets_fewer_strangers_in(start_relay: Star
     wait_for(lambda: refused_at_the_door(74))
     answers = [banner(relay, f"127.74.1.{n}") for n in range(1, 21)]
     assert answers.count(too_many) >= 15
+
+
+def test_the_door_process_follows_the_mode_at_once(start_relay: StartRelay) -> None:
+    relay = start_relay(
+        defense={
+            "door_process": True,
+            "unknown_connections_per_second": 1000,
+            "attack_unknown_connections_per_second": 1,
+            "attack_failing_sources": 3,
+        },
+    )
+    door_process(relay)
+    defense = relay.server.defense
+
+    def attacked_then_held() -> None:
+        # The mode starts on evidence, and the relay's loop is then held in the same turn:
+        # no housekeeping tick can tell the door process; only the mode's own news can.
+        now = time.time()
+        for n in range(3):
+            address = ipaddress.ip_address(f"127.75.{n}.1")
+            defense.on_auth_failure(address, "nobody@example.com", ("nobody", n), now, False)
+        time.sleep(3.0)
+
+    relay.call(attacked_then_held)
+    time.sleep(0.2)
+    assert defense.under_attack
+    # Twenty strangers at once, while the relay's loop is held: what answers them now is
+    # the door process. Let in, they would wait for the relay's greeting until the hold ends.
+    deadline = time.monotonic() + 1.5
+    answers: list[bytes] = []
+    connections = [
+        socket.create_connection(
+            ("127.0.0.1", relay.starttls_port), timeout=10, source_address=(f"127.76.1.{n}", 0)
+        )
+        for n in range(1, 21)
+    ]
+    for connection in connections:
+        with connection:
+            connection.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                answers.append(connection.recv(1024))
+            except TimeoutError:
+                answers.append(b"")  # not answered while the loop was held: let in
+    too_many = replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+    assert answers.count(too_many) >= 15  # a thousand a second would have let all 20 in
 
 
 def test_a_ban_from_the_cli_is_enforced_by_the_door_process(

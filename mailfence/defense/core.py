@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from mailfence.config import DefenseConfig
@@ -112,6 +112,9 @@ class Defense:
         self.attack_reason = ""
         self._calm_since: float | None = None
         self._change: str | None = None  # a change of mode the next tick reports
+        # Told of every change of the strangers' rate as it happens (the mode starting on
+        # evidence, or ending), so whoever else admits strangers follows at once.
+        self.on_strangers_rate: Callable[[float], None] | None = None
         self.counters = DefenseCounters()
         self._network_cache: dict[IPAddress, tuple[IPNetwork, IPNetwork]] = {}
 
@@ -524,7 +527,7 @@ class Defense:
             elif now - self._calm_since >= config.attack_exit_after:
                 self.under_attack = False
                 self._calm_since = None
-                self.strangers.set_rate(self._strangers_rate)
+                self._set_strangers_rate(self._strangers_rate)
                 log.warning("attack over: %.0f failed logins/min from %d sources", rate, sources)
                 return "leave"
         return None
@@ -544,9 +547,14 @@ class Defense:
         self._change = "enter"
         # Each stranger let in costs a TLS handshake on the customers' event loop, and in
         # this mode it gets one AUTH, refused unless it is a retry: let fewer in.
-        self.strangers.set_rate(self._attack_strangers_rate)
+        self._set_strangers_rate(self._attack_strangers_rate)
         self.attack_reason = _attack_reason(rate, sources)
         log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
+
+    def _set_strangers_rate(self, per_second: float) -> None:
+        self.strangers.set_rate(per_second)
+        if self.on_strangers_rate is not None:
+            self.on_strangers_rate(per_second)
 
     def housekeeping(self, now: float) -> None:
         """Every minute or so: forget windows that have emptied."""

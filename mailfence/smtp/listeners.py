@@ -381,10 +381,17 @@ class Listeners:
 
     def check_door_process(self) -> None:
         """Once a second: a child that died is started again, and it is told the strangers'
-        rate of the defense's mode (under attack, fewer strangers get in)."""
+        rate of the defense's mode (again, if a message was lost on a full channel)."""
         if self.strangers_door is not None:
             self.strangers_door.check()
             self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
+
+    def strangers_rate_changed(self, per_second: float) -> None:
+        """The defense's mode changed the strangers' rate: the door process follows at once,
+        not at the next second's check. A flood's first second is when the customers feel
+        the strangers let in, each a TLS handshake on their event loop."""
+        if self.strangers_door is not None:
+            self.strangers_door.set_strangers_rate(per_second)
 
     def _accepted_on(self, listener: Listener, queue: str) -> Callable[[socket.socket, Any], None]:
         accepted_from = self.accepted_from
