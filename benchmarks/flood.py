@@ -87,7 +87,12 @@ phase it is the second largest, with 50 it would be the max):
 
 One run's p99 of 100 messages is decided by its two slowest, and on a shared 2-core machine a
 stall of 10-20 ms now and then is enough: --repeat N runs the modes N times over, interleaved,
-each with a fresh relay, and counts the runs in which each goal was met.
+each with a fresh relay, counts the runs in which each goal was met, and pools each mode's
+runs into one p99 per phase (N x 100 messages).
+
+The flood's first 2 s are also shown apart (customers' mean time against the rest of the
+flood): until under-attack mode starts, strangers are let in at the normal rate and their
+first logins are checked, which the customers feel; the floor phase has no such start.
 
 The bots run with --bot-nice (default 10) so that on this 2-core machine, where they share the
 CPUs with the relay, they take what the relay leaves rather than half of it: real bots run on
@@ -140,6 +145,8 @@ CUSTOMERS = 20
 LEGIT_RATE = 5.0  # messages per second, all customers together
 PROBE_SOURCE = "127.10.0.1"  # a customer's address: known-good after the warm-up
 MODES = ("concentrated", "distributed", "spray")
+PARTS = ("baseline", "flood", "floor")  # pooled over repeated runs
+START_SECONDS = 2.0  # the flood's start, shown apart: before the defense has taken hold
 PHASES = ("baseline", "flood", "recovery", "floor")
 NULL_DOOR_REPLY = b"421 4.7.0 Too many connections, try again later\r\n"
 
@@ -992,6 +999,10 @@ class Verdict:
     goals: list[tuple[str, bool | None]]
     flood: tuple[float, float]  # customers' p99 in the flood / the baseline's: (auth, 250)
     floor: tuple[float, float]  # the floor's / the baseline's
+    # The customers' times (s), by reply ("auth", "250") and part of the run ("baseline",
+    # "flood", "floor", and the flood split into its START_SECONDS and the rest), to pool
+    # over repeated runs.
+    times: dict[tuple[str, str], list[float]]
 
 
 def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
@@ -1056,6 +1067,16 @@ def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
                 if values
             )
         )
+    start = result.bounds[1] + START_SECONDS
+    times: dict[tuple[str, str], list[float]] = {}
+    for reply, values in (("auth", to_auth), ("250", to_250)):
+        for phase, name in ((0, "baseline"), (1, "flood"), (3, "floor")):
+            times[reply, name] = values[phase]
+    for part, in_part in (("start", True), ("rest", False)):
+        done = [m for m in by_phase[1] if m[2] and (m[0] < start) == in_part]
+        times["auth", part] = [m[4] for m in done]
+        times["250", part] = [m[5] for m in done]
+    print(f"  {start_line(times)}")
     for phase in (1, 2, 3):
         slowest = sorted(by_phase[phase], key=lambda m: -max(m[4], m[5]))[:3]
         print(
@@ -1197,7 +1218,19 @@ def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
             p99(to_250[phase]) / p99(to_250[0]) if to_250[phase] and to_250[0] else 0.0,
         )
 
-    return Verdict(goals, ratios(1), ratios(3))
+    return Verdict(goals, ratios(1), ratios(3), times)
+
+
+def start_line(times: dict[tuple[str, str], list[float]]) -> str:
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values) * 1000:.1f}" if values else "-"
+
+    return (
+        f"customers' mean in the flood's first {START_SECONDS:.0f} s (before the defense has"
+        f" taken hold) against the rest of it: auth {mean(times['auth', 'start'])} vs"
+        f" {mean(times['auth', 'rest'])} ms, 250 {mean(times['250', 'start'])} vs"
+        f" {mean(times['250', 'rest'])} ms"
+    )
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -1226,6 +1259,25 @@ def print_summary(summary: list[tuple[str, Verdict]], modes: tuple[str, ...]) ->
             if runs[0][i][1] is not None
         )
         print(f"  {mode:<13} {counts}")
+    print("all runs of each mode pooled (each a fresh relay, so the samples are alike):")
+    for mode in modes:
+        pooled: dict[tuple[str, str], list[float]] = {}
+        for name, judged in summary:
+            if name == mode:
+                for key, values in judged.times.items():
+                    pooled.setdefault(key, []).extend(values)
+        figures = []
+        for reply in ("auth", "250"):
+            p99s = [percentile(pooled[reply, part], 0.99) * 1000 for part in PARTS]
+            figures.append(
+                f"{reply} p99 {' / '.join(f'{x:.1f}' for x in p99s)} ms"
+                f" (flood {p99s[1] / p99s[0]:.2f}x, floor {p99s[2] / p99s[0]:.2f}x)"
+            )
+        count = len(pooled["auth", "baseline"])
+        print(
+            f"  {mode:<13} baseline / flood / floor, {count} messages a phase: {'; '.join(figures)}"
+        )
+        print(f"  {'':<13} {start_line(pooled)}")
 
 
 def main() -> None:
