@@ -77,14 +77,19 @@ def test_strangers_over_their_rate_are_refused_without_the_relays_loop(
     assert relay.server.listeners.accepted_from["common"] >= 11
 
 
+# A thousand strangers a second let in normally, one in under-attack mode, which three
+# failing sources start.
+FEW_STRANGERS_UNDER_ATTACK = {
+    "door_process": True,
+    "unknown_connections_per_second": 1000,
+    "attack_unknown_connections_per_second": 1,
+    "attack_failing_sources": 3,
+}
+
+
 def test_under_attack_the_door_process_lets_fewer_strangers_in(start_relay: StartRelay) -> None:
     relay = start_relay(
-        defense={
-            "door_process": True,
-            "unknown_connections_per_second": 1000,
-            "attack_unknown_connections_per_second": 1,
-            "attack_failing_sources": 3,
-        },
+        defense=FEW_STRANGERS_UNDER_ATTACK,
         auth={"failure_reply": "permanent"},
     )
     door_process(relay)
@@ -117,12 +122,7 @@ def test_under_attack_the_door_process_lets_fewer_strangers_in(start_relay: Star
 
 def test_the_door_process_follows_the_mode_at_once(start_relay: StartRelay) -> None:
     relay = start_relay(
-        defense={
-            "door_process": True,
-            "unknown_connections_per_second": 1000,
-            "attack_unknown_connections_per_second": 1,
-            "attack_failing_sources": 3,
-        },
+        defense=FEW_STRANGERS_UNDER_ATTACK,
     )
     door_process(relay)
     defense = relay.server.defense
