@@ -994,11 +994,9 @@ MODE_DESCRIPTION = {
 
 @dataclass
 class Verdict:
-    """One run of one mode, judged: the goals, and the p99 ratios the 1.5x goal is about."""
+    """One run of one mode, judged: the goals, and the customers' times they came from."""
 
     goals: list[tuple[str, bool | None]]
-    flood: tuple[float, float]  # customers' p99 in the flood / the baseline's: (auth, 250)
-    floor: tuple[float, float]  # the floor's / the baseline's
     # The customers' times (s), by reply ("auth", "250") and part of the run ("baseline",
     # "flood", "floor", and the flood split into its START_SECONDS and the rest), to pool
     # over repeated runs.
@@ -1211,14 +1209,16 @@ def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
     for label, met in goals:
         mark = "reported" if met is None else verdict(met)
         print(f"  [{mark}] {label}")
+    return Verdict(goals, times)
 
-    def ratios(phase: int) -> tuple[float, float]:
-        return (
-            p99(to_auth[phase]) / p99(to_auth[0]) if to_auth[phase] and to_auth[0] else 0.0,
-            p99(to_250[phase]) / p99(to_250[0]) if to_250[phase] and to_250[0] else 0.0,
-        )
 
-    return Verdict(goals, ratios(1), ratios(3), times)
+def p99_ratios(times: dict[tuple[str, str], list[float]], reply: str) -> tuple[float, ...]:
+    """p99 of each of PARTS, and of the flood and the floor against the baseline."""
+    p99s = [
+        percentile(times[reply, part], 0.99) * 1000 if times[reply, part] else 0.0 for part in PARTS
+    ]
+    base = p99s[0] or 1.0
+    return (*p99s, p99s[1] / base, p99s[2] / base)
 
 
 def start_line(times: dict[tuple[str, str], list[float]]) -> str:
@@ -1244,9 +1244,10 @@ def print_summary(summary: list[tuple[str, Verdict]], modes: tuple[str, ...]) ->
             f"{i + 1} {'reported' if ok is None else verdict(ok)}"
             for i, (_, ok) in enumerate(judged.goals)
         )
+        auth, t250 = p99_ratios(judged.times, "auth"), p99_ratios(judged.times, "250")
         print(
-            f"  {mode:<13} {marks}; flood {judged.flood[0]:.2f}x / {judged.flood[1]:.2f}x,"
-            f" floor {judged.floor[0]:.2f}x / {judged.floor[1]:.2f}x"
+            f"  {mode:<13} {marks}; flood {auth[3]:.2f}x / {t250[3]:.2f}x,"
+            f" floor {auth[4]:.2f}x / {t250[4]:.2f}x"
         )
     if len(summary) == len(modes):
         return
@@ -1268,10 +1269,10 @@ def print_summary(summary: list[tuple[str, Verdict]], modes: tuple[str, ...]) ->
                     pooled.setdefault(key, []).extend(values)
         figures = []
         for reply in ("auth", "250"):
-            p99s = [percentile(pooled[reply, part], 0.99) * 1000 for part in PARTS]
+            *p99s, flood, floor = p99_ratios(pooled, reply)
             figures.append(
                 f"{reply} p99 {' / '.join(f'{x:.1f}' for x in p99s)} ms"
-                f" (flood {p99s[1] / p99s[0]:.2f}x, floor {p99s[2] / p99s[0]:.2f}x)"
+                f" (flood {flood:.2f}x, floor {floor:.2f}x)"
             )
         count = len(pooled["auth", "baseline"])
         print(

@@ -381,7 +381,8 @@ class Listeners:
 
     def check_door_process(self) -> None:
         """Once a second: a child that died is started again, and it is told the strangers'
-        rate of the defense's mode (again, if a message was lost on a full channel)."""
+        rate of the defense's mode (again: a child started since, or a message lost on a
+        full channel; a change of mode is sent as it happens, strangers_rate_changed)."""
         if self.strangers_door is not None:
             self.strangers_door.check()
             self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
