@@ -53,6 +53,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_delay_seconds(pid: int) -> float:
+    """How long the process's main thread has waited on a run queue for a CPU, in all: the
+    second field of /proc/<pid>/schedstat (the kernel's sched_info, in ns; 0.0 if unreadable)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def descendants(pid: int) -> list[int]:
     """`pid` and every process below it, from /proc/<pid>/task/*/children (bounded)."""
     found: list[int] = []

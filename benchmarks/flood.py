@@ -65,6 +65,11 @@ more process, not niced and lightly loaded, that opens 20 bot connections a seco
 flood (same mode, same addresses and names) and times the greeting (from the start of the
 connect) and each AUTH reply.
 
+Waiting for a CPU: how long the relay's event loop and the customers' client (each process's
+main thread) were runnable but on a run queue, from /proc/<pid>/schedstat, per second of each
+phase: what the machine's two cores being busy cost them directly, apart from the rest (the
+kernel's work for the bots' packets, caches shared with them).
+
 CPU: utime + stime from /proc of the `mailfence serve` process and all its descendants (the
 delivery process), sampled at each phase boundary. "per 1,000 refused" is the relay's CPU during
 the flood divided by the bot attempts it answered (all of which were refusals), in ms; "net" first
@@ -132,6 +137,7 @@ from common import (
     cpu_seconds,
     free_port,
     percentile,
+    run_delay_seconds,
     stopping,
     tree_cpu,
     verdict,
@@ -831,6 +837,9 @@ class ModeResult:
     messages: list[MessageRow]
     probe: list[tuple[float, float]]
     cpu: list[float]  # mailfence tree CPU seconds per phase
+    # Seconds each phase's event loops spent runnable but waiting for a CPU: the relay's, the
+    # customers' client's (each process's main thread, /proc/<pid>/schedstat)
+    run_waits: list[tuple[float, float]]
     bot_cpu: float  # in the flood
     bots: BotSummary  # in the flood
     sampler: BotSummary
@@ -934,11 +943,18 @@ def run_mode(
             samples: list[dict[int, float]] = []
             bot_samples: list[float] = []
             null_samples: list[float] = []
+            wait_samples: list[tuple[float, float]] = []
             for index, when in enumerate(bounds):
                 time.sleep(max(0.0, when - time.monotonic()))
                 samples.append(tree_cpu(relay.process.pid))
                 bot_samples.append(sum(cpu_seconds(pid) for pid in bot_pids))
                 null_samples.append(cpu_seconds(null_door.pid or 0))
+                wait_samples.append(
+                    (
+                        run_delay_seconds(relay.process.pid),
+                        run_delay_seconds(customers_proc.pid or 0),
+                    )
+                )
                 if index < len(PHASES):
                     print(f"  {PHASES[index]}: {bounds[index + 1] - when:.0f} s ...", flush=True)
             wait = 8 * COMMAND_TIMEOUT + 30
@@ -960,6 +976,13 @@ def run_mode(
         messages=[(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]) for m in legit["messages"]],
         probe=[(when, rtt) for when, rtt in legit["probe"]],
         cpu=[cpu_between(samples[i], samples[i + 1]) for i in range(len(PHASES))],
+        run_waits=[
+            (
+                wait_samples[i + 1][0] - wait_samples[i][0],
+                wait_samples[i + 1][1] - wait_samples[i][1],
+            )
+            for i in range(len(PHASES))
+        ],
         bot_cpu=bot_samples[2] - bot_samples[1],
         bots=BotSummary.merge([part[0] for part in bot_parts]),
         sampler=BotSummary.merge(sampler_part),
@@ -1065,6 +1088,14 @@ def report(result: ModeResult, args: argparse.Namespace) -> Verdict:
                 if values
             )
         )
+    print(
+        "  waited for a CPU (runnable, on a run queue; ms per second of the phase): "
+        + "; ".join(
+            f"{PHASES[phase]} relay's loop {relay_wait / result.duration(phase) * 1000:.1f},"
+            f" customers' {customers_wait / result.duration(phase) * 1000:.1f}"
+            for phase, (relay_wait, customers_wait) in enumerate(result.run_waits)
+        )
+    )
     start = result.bounds[1] + START_SECONDS
     times: dict[tuple[str, str], list[float]] = {}
     for reply, values in (("auth", to_auth), ("250", to_250)):
