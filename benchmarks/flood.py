@@ -941,7 +941,8 @@ def run_mode(
                 f" {percentile(warm, 0.5) * 1000:.1f} ms",
                 flush=True,
             )
-            warmup = (time.monotonic() + 1.0, time.monotonic() + 1.0 + args.bot_warmup)
+            warmup_start = time.monotonic() + 1.0
+            warmup = (warmup_start, warmup_start + args.bot_warmup)
             bounds = [warmup[1] + (1.0 if args.bot_warmup else 0.0)]
             for seconds in (args.baseline, args.flood, args.recovery, args.floor):
                 bounds.append(bounds[-1] + seconds)
