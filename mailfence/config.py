@@ -125,7 +125,7 @@ class DefenseConfig:
     honeypot_users: tuple[str, ...] = ("admin", "administrator", "root", "test", "guest", "user")
     username_attack_sources: int = 5
     negative_cache_ttl: float = 600.0
-    attack_failures_per_minute: int = 120
+    attack_failures_per_minute: int = 60
     attack_failing_sources: int = 20
     attack_exit_after: float = 300.0
     attack_auth_attempts_per_session: int = 1
