@@ -111,6 +111,7 @@ class DefenseConfig:
     connection_rate_per_ip: int = 60
     connection_rate_per_prefix: int = 300
     connection_rate_window: float = 60.0
+    ban_after_refused_connections: int = 600
     unknown_connections_per_second: int = 50
     door_process: bool = True
     known_good_reserved: float = 0.2
@@ -653,6 +654,9 @@ def _defense(sec: _Section) -> DefenseConfig:
             "connection_rate_per_prefix", d.connection_rate_per_prefix, 1
         ),
         connection_rate_window=sec.duration("connection_rate_window", d.connection_rate_window),
+        ban_after_refused_connections=sec.integer(
+            "ban_after_refused_connections", d.ban_after_refused_connections, 0
+        ),
         unknown_connections_per_second=sec.integer(
             "unknown_connections_per_second", d.unknown_connections_per_second, 1
         ),

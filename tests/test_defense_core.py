@@ -289,6 +289,88 @@ def test_one_host_hammering_the_door_does_not_spend_the_strangers_share() -> Non
     assert others.count(Action.ALLOW) >= len(others) - admitted_hammer
 
 
+def test_a_source_hammering_the_door_is_banned_and_a_mail_server_retrying_is_not() -> None:
+    core = defense(
+        connection_rate_per_ip=5, connection_rate_window=60.0, ban_after_refused_connections=50
+    )
+    hammer, server = ip("198.51.100.66"), ip("198.51.100.25")
+    actions: list[Action] = []
+    made: list[Ban] = []
+    # A bot reconnecting 100 times a second: over its rate after 5, banned after 50 refusals.
+    for n in range(100):
+        when = 10.0 + n / 100
+        verdict = core.on_connect(hammer, when, 0, 1000)
+        actions.append(verdict.action)
+        made += verdict.bans
+        core.on_disconnect(hammer)
+    assert actions[:5] == [Action.ALLOW] * 5
+    assert actions[5:55] == [Action.LIMIT] * 50  # the fiftieth refusal makes the ban...
+    assert actions[55:] == [Action.BANNED] * 45  # ...and the door refuses it as banned
+    assert [str(ban.network) for ban in made] == ["198.51.100.66/32"]
+    ban = made[0]
+    assert ban.reason == "50 connections refused in 60 s" and ban.source == "auto"
+    assert ban.evidence["refused_connections"] == 50
+    assert ban.evidence["first_seen"] == pytest.approx(10.05)
+    # A mail server with a queue to flush, told 421 after its fifth connection, comes back
+    # five minutes later, for a day: never banned.
+    verdicts = []
+    for retry in range(12 * 24):
+        for n in range(20):  # 20 connections at once, 15 of them over its rate
+            when = 100.0 + retry * 300 + n / 100
+            verdicts.append(core.on_connect(server, when, 0, 1000).action)
+            core.on_disconnect(server)
+    assert verdicts.count(Action.LIMIT) == 15 * 12 * 24 and Action.BANNED not in verdicts
+    assert core.explain(server, when)["refused_connections_in_window"] == 15
+
+
+def test_refusals_the_door_process_reports_count_toward_the_same_ban() -> None:
+    core = defense(ban_after_refused_connections=600, connection_rate_window=60.0)
+    bot = ip("203.0.113.7")
+    assert core.on_connections_refused(bot, 350, 10.0) == []
+    assert core.on_connections_refused(bot, 249, 11.0) == []
+    made = core.on_connections_refused(bot, 1, 12.0)
+    assert [str(ban.network) for ban in made] == ["203.0.113.7/32"]
+    assert made[0].evidence["first_seen"] == 10.0 and made[0].evidence["last_seen"] == 12.0
+    assert core.on_connections_refused(bot, 1000, 13.0) == []  # banned already: no new ban
+    # Counts older than the window no longer add up.
+    slow = ip("203.0.113.8")
+    assert core.on_connections_refused(slow, 599, 10.0) == []
+    assert core.on_connections_refused(slow, 599, 80.0) == []
+    # Three hammering addresses of one network: the network is banned, as for guessers.
+    for host in (20, 21):
+        core.on_connections_refused(ip(f"203.0.113.{host}"), 600, 90.0)
+    assert core.bans.get(ipaddress.ip_network("203.0.113.0/24")) is not None
+
+
+def test_hammering_never_bans_customers_allowlisted_sources_or_when_turned_off() -> None:
+    core = defense(allowlist=(ipaddress.ip_network("192.0.2.0/24"),))
+    core.remember_known_good("customer1@example.com", ipaddress.ip_network("198.51.100.0/24"), 0.0)
+    for text in ("192.0.2.9", "198.51.100.200"):
+        assert core.on_connections_refused(ip(text), 10_000, 10.0) == []
+    off = defense(ban_after_refused_connections=0)
+    assert off.on_connections_refused(ip("203.0.113.7"), 10_000, 10.0) == []
+    monitor = defense(mode="monitor")
+    assert monitor.on_connections_refused(ip("203.0.113.7"), 10_000, 10.0) == []
+    assert len(monitor.bans) == 0 and monitor.counters.would_have["ban"] == 1
+
+
+def test_the_count_of_refused_connections_is_bounded() -> None:
+    from mailfence.defense.windows import CountWindow
+
+    window: CountWindow[str] = CountWindow(60.0, max_keys=100, cap=10)
+    for n in range(250):
+        window.add(f"source {n}", 1, 5.0)
+    assert len(window) == 100 and window.count("source 249", 5.0) == 1
+    assert window.count("source 0", 5.0) == 0  # forgotten: the least recently touched
+    # One key's entries are capped; what is folded away still counts while in the window.
+    for second in range(30):
+        window.add("bot", 10, 10.0 + second)
+    assert len(window._entries["bot"]) == 10
+    assert window.count("bot", 40.0) == 300
+    window.expire(200.0)
+    assert len(window) == 0
+
+
 def test_auth_attempts_per_session() -> None:
     core = defense(auth_attempts_per_session=3)
     address = ip("198.51.100.30")

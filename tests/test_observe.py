@@ -498,8 +498,10 @@ def test_explain_shows_live_counters(relay: RunningRelay, tmp_path: Path) -> Non
     assert live["distinct_wrong_passwords"] == 2
     assert live["usernames_tried"] == [ALICE, "bob@example.com"]
     assert live["open_connections_from_source"] == 1
+    assert live["refused_connections_in_window"] == 0
     text = cli(relay, tmp_path, "explain", "127.49.0.3").stdout
     assert "2 distinct wrong password(s)" in text
+    assert "refused 0 time(s) in that window (ban at 600)" in text
 
 
 def test_a_new_user_can_log_in_as_soon_as_the_command_returns(

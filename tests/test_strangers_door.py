@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -185,6 +188,45 @@ def test_a_ban_from_the_cli_is_enforced_by_the_door_process(
     assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.parametrize("in_a_process", [True, False], ids=["door process", "relay's door"])
+def test_a_source_hammering_the_door_is_banned(start_relay: StartRelay, in_a_process: bool) -> None:
+    relay = start_relay(
+        defense={
+            "door_process": in_a_process,
+            "unknown_connections_per_second": 1,
+            "ban_after_refused_connections": 30,
+        }
+    )
+    if in_a_process:
+        door_process(relay)
+    too_many = replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+    banned = replies.BANNED.encode() + b"\r\n"
+    answers: list[bytes] = []
+    deadline = time.monotonic() + 10.0
+    # A bot reconnecting at once; the door process reports its refusals each second, and
+    # picks the relay's ban up from the database within half a second.
+    while time.monotonic() < deadline and (not answers or answers[-1] != banned):
+        answers.append(banner(relay, "127.75.0.9"))
+        time.sleep(0.005)
+    assert answers[-1] == banned
+    assert answers.count(too_many) >= 30
+    assert all(a in (too_many, banned) or a.startswith(b"220 ") for a in answers)
+    # Its neighbour, a stranger that did nothing, is not banned with it.
+    assert banner(relay, "127.75.0.10") != banned
+    row = wait_for(lambda: _ban_row(relay, "127.75.0.9/32"))
+    reason, evidence, source = row
+    assert source == "auto" and reason.endswith("connections refused in 60 s")
+    assert json.loads(evidence)["refused_connections"] >= 30
+
+
+def _ban_row(relay: RunningRelay, network: str) -> tuple[str, str, str] | None:
+    with contextlib.closing(sqlite3.connect(relay.config.database_path)) as conn:
+        row = conn.execute(
+            "SELECT reason, evidence, source FROM bans WHERE network = ?", (network,)
+        ).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
+
+
 def test_the_relay_accepts_itself_while_the_door_process_is_down(
     start_relay: StartRelay,
 ) -> None:
@@ -261,6 +303,30 @@ def test_the_door_process_memory_of_addresses_is_bounded(
         address, prefix = keeper.parse(f"203.0.113.{n}")
         assert str(prefix) == "203.0.113.0/24" and str(address) == f"203.0.113.{n}"
     assert 0 < len(keeper._addresses) <= 100
+    keeper.conn.close()
+
+
+def test_the_door_process_reports_the_sources_it_refused_most_within_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailfence.smtp import strangers_door
+    from mailfence.testing import relay_config
+
+    monkeypatch.setattr(strangers_door, "LIMITED_COUNTED", 100)
+    keeper = strangers_door._Keeper(relay_config(tmp_path))
+    for n in range(1, 201):  # 200 addresses, the n-th refused n times
+        for _ in range(n):
+            keeper.note_limited(f"203.0.{n // 250}.{n % 250}")
+    assert len(keeper.limited) == 100  # the first hundred; later ones are not counted
+    child_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with child_end, relay_end:
+        strangers_door._report(child_end, keeper)
+        message = relay_end.recv(strangers_door.CHANNEL_MESSAGE_BYTES)
+    assert keeper.limited == {}  # each report counts from zero
+    report = json.loads(message[1:])
+    assert len(report["limited"]) == strangers_door.LIMITED_REPORTED
+    assert min(report["limited"].values()) == 100 - strangers_door.LIMITED_REPORTED + 1
+    assert report["limited"]["203.0.0.100"] == 100
     keeper.conn.close()
 
 

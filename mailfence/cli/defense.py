@@ -317,7 +317,9 @@ def explain(
     out.print(
         f"  live: {live['open_connections_from_source']} open connection(s) from it, "
         f"{live['open_connections_from_prefix']} from its network; "
-        f"{rate['source']} connection(s) in the last {rate['window_seconds']:.0f} s",
+        f"{rate['source']} connection(s) in the last {rate['window_seconds']:.0f} s, "
+        f"refused {live['refused_connections_in_window']} time(s) in that window "
+        f"(ban at {live['ban_after_refused_connections'] or 'never'})",
         markup=False,
     )
     out.print(

@@ -21,7 +21,7 @@ from mailfence.config import DefenseConfig
 from mailfence.defense.bans import Ban, BanBook, escalated_duration
 from mailfence.defense.net import IPAddress, IPNetwork, host_network, prefix_network
 from mailfence.defense.strangers import StrangersDoor
-from mailfence.defense.windows import DistinctWindow, EventWindow
+from mailfence.defense.windows import CountWindow, DistinctWindow, EventWindow
 
 log = logging.getLogger("mailfence.defense")
 
@@ -54,6 +54,7 @@ class ConnectVerdict:
     reason: str = ""
     ban: Ban | None = None
     known_good: bool = False
+    bans: tuple[Ban, ...] = ()  # made by this refusal (a source hammering the door)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Defense:
         window = config.failure_window
         self._rate_source: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
         self._rate_prefix: EventWindow[IPNetwork] = EventWindow(config.connection_rate_window)
+        # Strangers' connections refused by a limit, per source: toward a ban for hammering.
+        self._refused: CountWindow[IPNetwork] = CountWindow(config.connection_rate_window)
         self.strangers = StrangersDoor(config.unknown_connections_per_second)
         # Both fixed at start, like the door they set. The mode never lets more strangers
         # in than the normal rate does.
@@ -178,6 +181,10 @@ class Defense:
         """Decides at accept time, before TLS or any session exists. `strangers_checked`:
         the strangers' door already let this one in (in its own process, strangers_door.py)."""
         verdict = self._connect_verdict(address, now, live_total, max_total, strangers_checked)
+        if verdict.action is Action.LIMIT:
+            bans = self.on_connections_refused(address, 1, now)
+            if bans:
+                verdict = ConnectVerdict(verdict.action, verdict.reason, bans=tuple(bans))
         if verdict.action is not Action.ALLOW:
             self.counters.connections_refused[verdict.action.value] += 1
             if self.monitor:
@@ -242,6 +249,28 @@ class Defense:
         self._rate_source.add(source, now)
         self._rate_prefix.add(prefix, now)
         return ConnectVerdict(Action.ALLOW)
+
+    def on_connections_refused(self, address: IPAddress, count: int, now: float) -> list[Ban]:
+        """A stranger refused `count` connections by a limit (here, or in the strangers' door
+        process, which reports each second). A mail server told 421 comes back minutes later;
+        a source refused hundreds of times a minute is a bot reconnecting at once, and each
+        connection a limit still lets through costs a TLS handshake on the customers' event
+        loop. Returns the bans this caused."""
+        threshold = self.config.ban_after_refused_connections
+        if not threshold or self.allowed(address) or self.is_known_good_source(address):
+            return []
+        source = self.source_of(address)
+        refused = self._refused.add(source, count, now)
+        if refused < threshold or self.bans.find(address, now) is not None:
+            return []
+        evidence: dict[str, object] = {
+            "refused_connections": refused,
+            "window_seconds": self.config.connection_rate_window,
+            "first_seen": self._refused.first(source, now) or now,
+            "last_seen": now,
+        }
+        window = self.config.connection_rate_window
+        return self._ban(source, now, f"{refused} connections refused in {window:.0f} s", evidence)
 
     def on_disconnect(self, address: IPAddress) -> None:
         source, prefix = self._networks(address)
@@ -486,6 +515,8 @@ class Defense:
                 "prefix": self._rate_prefix.count(prefix, now),
                 "window_seconds": self.config.connection_rate_window,
             },
+            "refused_connections_in_window": self._refused.count(source, now),
+            "ban_after_refused_connections": self.config.ban_after_refused_connections,
             "distinct_wrong_passwords": self._failures.count(source, now),
             "failure_window_seconds": self.config.failure_window,
             "ban_after_failures": self.config.ban_after_failures,
@@ -560,6 +591,7 @@ class Defense:
         """Every minute or so: forget windows that have emptied."""
         for window in (self._rate_source, self._rate_prefix):
             window.expire(now)
+        self._refused.expire(now)
         for distinct in (self._failures, self._failing_sources_by_user, self._banned_in_prefix):
             distinct.expire(now)
 

@@ -57,6 +57,69 @@ class EventWindow(Generic[K]):
         return len(self._events)
 
 
+class CountWindow(Generic[K]):
+    """The sum of counts per key in the last `window` seconds.
+
+    For events that arrive already counted (the strangers' door reports each second how many
+    times it refused an address): one entry per report, not one per event.
+    """
+
+    def __init__(self, window: float, max_keys: int = 100_000, cap: int = 1_000) -> None:
+        self.window = window
+        self.max_keys = max_keys
+        self.cap = cap
+        self._entries: OrderedDict[K, deque[tuple[float, int]]] = OrderedDict()
+        self._sums: dict[K, int] = {}
+
+    def _trim(self, key: K, entries: deque[tuple[float, int]], now: float) -> None:
+        horizon = now - self.window
+        while entries and entries[0][0] <= horizon:
+            self._sums[key] -= entries.popleft()[1]
+
+    def add(self, key: K, count: int, now: float) -> int:
+        """Adds `count` events at `now`; returns the key's sum in the window."""
+        entries = self._entries.get(key)
+        if entries is None:
+            if len(self._entries) >= self.max_keys:
+                forgotten, _ = self._entries.popitem(last=False)  # the least recently touched
+                del self._sums[forgotten]
+            entries = self._entries[key] = deque()
+            self._sums[key] = 0
+        else:
+            self._entries.move_to_end(key)
+        self._trim(key, entries, now)
+        if len(entries) >= self.cap:  # bounded: the oldest entry folds into the next one
+            _, oldest = entries.popleft()
+            entries[0] = (entries[0][0], entries[0][1] + oldest)
+        entries.append((now, count))
+        self._sums[key] += count
+        return self._sums[key]
+
+    def count(self, key: K, now: float) -> int:
+        entries = self._entries.get(key)
+        if entries is None:
+            return 0
+        self._trim(key, entries, now)
+        return self._sums[key]
+
+    def first(self, key: K, now: float) -> float | None:
+        """When the key's oldest count still in the window was added."""
+        entries = self._entries.get(key)
+        if entries is None:
+            return None
+        self._trim(key, entries, now)
+        return entries[0][0] if entries else None
+
+    def expire(self, now: float) -> None:
+        for key in list(self._entries):
+            if not self.count(key, now):
+                del self._entries[key]
+                del self._sums[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class DistinctWindow(Generic[K]):
     """How many distinct tokens per key were seen in the last `window` seconds.
 

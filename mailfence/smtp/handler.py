@@ -154,7 +154,7 @@ class RelayHandler:
         exists = self.authenticator.accounts.get(name) is not None
         gate = defense.before_auth(address, name, now, server.auth_attempts, exists)
         if gate.bans:
-            self._banned(list(gate.bans))
+            self.banned(list(gate.bans))
         if gate.action is AuthAction.DISCONNECT:
             totals.auth_outcome("refused", "gate")
             server.auth_result = "refused"
@@ -219,7 +219,7 @@ class RelayHandler:
             totals.failure(str(source), name)
         bans = defense.on_auth_failure(address, name, verdict.fingerprint, now, verdict.repeated)
         if bans:
-            self._banned(bans)
+            self.banned(bans)
             if defense.bans.find(address, now) is not None:
                 server.close_with(replies.BANNED)
                 return AuthResult(success=False, handled=True)
@@ -227,7 +227,7 @@ class RelayHandler:
             return self._failure(replies.AUTH_INVALID)
         return self._failure(replies.AUTH_TEMPORARY_FAILURE)
 
-    def _banned(self, bans: list[Ban]) -> None:
+    def banned(self, bans: list[Ban]) -> None:
         """Logs new automatic bans and hands them on to be recorded (database, ledger)."""
         for ban in bans:
             log.warning("banned %s until %s: %s", ban.network, ban.until, ban.reason)

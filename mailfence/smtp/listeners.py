@@ -241,6 +241,8 @@ class Listeners:
         )
         if verdict.action is Action.ALLOW:
             self.open_connections += 1
+        elif verdict.bans:
+            self.handler.banned(list(verdict.bans))
         return verdict
 
     def release(self, address: IPAddress) -> None:
@@ -257,6 +259,8 @@ class Listeners:
         max_total = self.config.smtp.max_connections
         verdict = self.defense.on_connect(client, time.time(), self.open_connections, max_total)
         if verdict.action is not Action.ALLOW:
+            if verdict.bans:
+                self.handler.banned(list(verdict.bans))
             return _CONNECT_REPLY[verdict.action]
         session.address = client
         session.proxied_admitted = True
@@ -373,11 +377,21 @@ class Listeners:
         listener = self._common[index][0]
         self.accepted(listener, connection, (address, 0), strangers_checked=True)
 
-    def _counted(self, refused: Counter[str], accepted: int) -> None:
+    def _counted(self, refused: Counter[str], accepted: int, limited: dict[str, int]) -> None:
         """What the strangers' door process did since its last report, into the figures the
-        relay shows (`stats`, `top`, metrics), as if its own door had done it."""
+        relay shows (`stats`, `top`, metrics), as if its own door had done it; and the
+        sources it refused most for a limit, toward a ban for hammering."""
         self.accepted_from["common"] += accepted
         self.defense.counters.connections_refused.update(refused)
+        now = time.time()
+        for text, count in limited.items():
+            try:
+                address = parse_ip(text)
+            except ValueError:
+                continue
+            bans = self.defense.on_connections_refused(address, count, now)
+            if bans:
+                self.handler.banned(bans)
 
     def check_door_process(self) -> None:
         """Once a second: a child that died is started again, and it is told the strangers'

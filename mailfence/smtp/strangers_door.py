@@ -15,7 +15,8 @@ relay's bans, allowlist and customers' networks are kept in.
 
 Messages on the channel (SOCK_SEQPACKET, one per datagram):
   child -> relay: b"R" ready; b"P<listener> <address>" with a descriptor, a passed
-  connection; b"C" + JSON, its counts so far (cumulative).
+  connection; b"C" + JSON, its counts so far (cumulative), and the addresses it refused most
+  for a limit since the last report, with how often (toward a ban for hammering).
   relay -> child: b"S<rate>", the strangers' shared rate per second (under-attack mode's,
   or back to normal). The channel closing means the relay is gone, and the child exits.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -59,6 +61,11 @@ REPORT_INTERVAL = 1.0
 # Addresses remembered with their parsed form and network: parsing both costs more than the
 # rest of a refusal, and a flood repeats the same few thousand addresses.
 ADDRESS_CACHE_SIZE = 65_536
+# Each report names the sources refused most for a limit since the last one (toward a ban for
+# hammering, decided by the relay): at most this many, from at most this many counted.
+LIMITED_REPORTED = 64
+LIMITED_COUNTED = 65_536
+CHANNEL_MESSAGE_BYTES = 8192  # the largest report (LIMITED_REPORTED addresses) fits
 
 _LINES = {
     "banned": replies.BANNED.encode() + b"\r\n",
@@ -81,13 +88,15 @@ class StrangersDoorProcess:
         sockets: list[tuple[int, socket.socket]],
         fallback: list[Door],
         passed: Passed,
-        counted: Callable[[Counter[str], int], None],
+        counted: Callable[[Counter[str], int, dict[str, int]], None],
     ) -> None:
         self.config = config
         self.sockets = sockets
         self.fallback = fallback
         self.passed = passed
-        self.counted = counted  # (refusals by action, connections accepted) since last call
+        # (refusals by action, connections accepted, refusals for a limit by address) since
+        # the last call
+        self.counted = counted
         self._process: BaseProcess | None = None
         self._channel: socket.socket | None = None
         self._reported: tuple[Counter[str], int] = (Counter(), 0)
@@ -119,7 +128,7 @@ class StrangersDoorProcess:
             return
         for _ in range(ACCEPT_BATCH):
             try:
-                message, fds, _, _ = socket.recv_fds(channel, 512, 1)
+                message, fds, _, _ = socket.recv_fds(channel, CHANNEL_MESSAGE_BYTES, 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -170,11 +179,12 @@ class StrangersDoorProcess:
             report = json.loads(data)
             refused = Counter({str(k): int(v) for k, v in report["refused"].items()})
             accepted = int(report["accepted"])
+            limited = {str(k): int(v) for k, v in report.get("limited", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             return
         before_refused, before_accepted = self._reported
         self._reported = (refused, accepted)
-        self.counted(refused - before_refused, accepted - before_accepted)
+        self.counted(refused - before_refused, accepted - before_accepted, limited)
 
     def _gone(self) -> None:
         """The child is gone: the relay's own doors accept again until it is back."""
@@ -244,6 +254,8 @@ class _Keeper:
         self._addresses: dict[str, tuple[IPAddress, IPNetwork]] = {}
         self.refused: Counter[str] = Counter()
         self.accepted = 0
+        # Refusals for a limit by address text since the last report (then cleared).
+        self.limited: dict[str, int] = {}
 
     def reload(self, known_good: bool) -> None:
         now = time.time()
@@ -270,6 +282,14 @@ class _Keeper:
                 self._addresses.clear()
             parsed = self._addresses[text] = (address, prefix)
         return parsed
+
+    def note_limited(self, text: str) -> None:
+        """One more refusal for a limit from this address, for the next report."""
+        limited = self.limited
+        if text in limited:
+            limited[text] += 1
+        elif len(limited) < LIMITED_COUNTED:  # bounded; the report clears it every second
+            limited[text] = 1
 
     def verdict(self, address: IPAddress, prefix: IPNetwork, now: float) -> str | None:
         """The refusal for this connection, or None to pass it to the relay."""
@@ -350,7 +370,12 @@ def _from_relay(channel: socket.socket, keeper: _Keeper) -> bool:
 
 
 def _report(channel: socket.socket, keeper: _Keeper) -> None:
-    report = json.dumps({"refused": keeper.refused, "accepted": keeper.accepted})
+    limited = keeper.limited
+    keeper.limited = {}
+    most = heapq.nlargest(LIMITED_REPORTED, limited.items(), key=lambda item: item[1])
+    report = json.dumps(
+        {"refused": keeper.refused, "accepted": keeper.accepted, "limited": dict(most)}
+    )
     with contextlib.suppress(OSError):  # a full channel: the next report says it all
         channel.send(b"C" + report.encode())
 
@@ -391,6 +416,8 @@ class _Acceptor:
             refusal = keeper.verdict(address, prefix, now)
             if refusal is None:
                 refusal = self._pass(fd, address)
+            elif refusal == "limit":
+                keeper.note_limited(peer[0])
             if refusal is not None:
                 keeper.refused[refusal] += 1
                 # The reply fits any fresh socket's send buffer, so this write cannot block
