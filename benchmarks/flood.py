@@ -37,8 +37,9 @@ flood's start, on this machine and not in mailfence: of the three slowest messag
 floods (three runs of each mode, interleaved), 8 fell in the flood's first 1.5 s with the bots
 cold and 4 with them warm. The customers' mean in the first 2 s over the rest (auth / 250, the
 three runs averaged) went from +1.3 / +2.5 ms to -0.3 / -0.4 in spray, and from +0.5 / +0.1
-to -0.5 / -0.6 in distributed. Concentrated mode's start stays (+0.9 / +2.1 cold, +1.5 / +2.2
-warm): mailfence needs some failed logins from its ten addresses before it bans them.
+to -0.5 / -0.6 in distributed. Concentrated mode's start stayed (+0.9 / +2.1 cold, +1.5 / +2.2
+warm): that one is mailfence's own (its ten addresses were not banned at all until
+`ban_after_refused_connections`; now they are within two or three seconds).
 
 Bots (flood phase only): --bots concurrent connections in --bot-processes processes, each
 reconnecting at once after its connection ends, with random wrong passwords (never the same
