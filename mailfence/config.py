@@ -128,6 +128,7 @@ class DefenseConfig:
     negative_cache_ttl: float = 600.0
     attack_failures_per_minute: int = 60
     attack_failing_sources: int = 20
+    attack_refused_connections_per_second: int = 500
     attack_exit_after: float = 300.0
     attack_auth_attempts_per_session: int = 1
     attack_max_connections_per_ip: int = 3
@@ -681,6 +682,9 @@ def _defense(sec: _Section) -> DefenseConfig:
             "attack_failures_per_minute", d.attack_failures_per_minute, 1
         ),
         attack_failing_sources=sec.integer("attack_failing_sources", d.attack_failing_sources, 1),
+        attack_refused_connections_per_second=sec.integer(
+            "attack_refused_connections_per_second", d.attack_refused_connections_per_second, 0
+        ),
         attack_exit_after=sec.duration("attack_exit_after", d.attack_exit_after),
         attack_auth_attempts_per_session=sec.integer(
             "attack_auth_attempts_per_session", d.attack_auth_attempts_per_session, 1

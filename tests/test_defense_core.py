@@ -399,6 +399,47 @@ def test_under_attack_mode_has_hysteresis_and_spares_known_good() -> None:
     assert not core.under_attack
 
 
+def test_a_connection_flood_starts_under_attack_mode_before_any_login() -> None:
+    core = defense(
+        unknown_connections_per_second=50,
+        attack_refused_connections_per_second=500,
+        attack_exit_after=120.0,
+    )
+    rates: list[float] = []
+    core.on_strangers_rate = rates.append
+
+    def strangers(per_second: int, seconds: float, start: float, first: int) -> None:
+        for n in range(int(per_second * seconds)):
+            address = ip(f"127.{80 + (first + n) // 250}.{(first + n) % 250}.1")
+            core.on_connect(address, start + n / per_second, 0, 1000)
+            core.on_disconnect(address)
+
+    # 400 strangers a second for two seconds: the shared rate refuses most, no flood yet.
+    strangers(400, 2.0, 100.0, 0)
+    assert not core.under_attack and core.tick(102.0) is None
+    # 3,000 a second: the mode starts within the first fifth of a second, no login tried.
+    strangers(3000, 0.2, 200.0, 1000)
+    assert core.under_attack and rates == [10]
+    assert core.tick(200.5) == "enter"
+    assert core.attack_reason.startswith("500 strangers refused a second at the door; ")
+    # Failed logins alone decide the end: calm for attack_exit_after, the mode ends.
+    core.tick(260.0)
+    assert core.under_attack and core.tick(379.0) is None
+    assert core.tick(381.0) == "leave" and rates == [10, 50]
+
+
+def test_the_door_process_report_of_a_connection_flood_starts_the_mode() -> None:
+    core = defense(attack_refused_connections_per_second=500)
+    core.on_strangers_refused(400, 1.0, 10.0)  # under the rate
+    core.on_strangers_refused(5, 0.001, 11.0)  # a fast rate, but too few to tell
+    assert not core.under_attack
+    core.on_strangers_refused(150, 0.2, 12.0)  # an early report: 750 a second
+    assert core.under_attack and "750 strangers refused a second" in core.attack_reason
+    off = defense(attack_refused_connections_per_second=0)
+    off.on_strangers_refused(10_000, 1.0, 10.0)
+    assert not off.under_attack
+
+
 def test_under_attack_mode_starts_on_the_evidence_not_at_the_next_tick() -> None:
     core = defense(attack_failing_sources=10, **UNLIMITED_STRANGERS)
     replay = Replay(core)

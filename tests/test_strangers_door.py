@@ -219,6 +219,30 @@ def test_a_source_hammering_the_door_is_banned(start_relay: StartRelay, in_a_pro
     assert json.loads(evidence)["refused_connections"] >= 30
 
 
+@pytest.mark.parametrize("in_a_process", [True, False], ids=["door process", "relay's door"])
+def test_a_connection_flood_starts_under_attack_mode_before_any_login(
+    start_relay: StartRelay, in_a_process: bool
+) -> None:
+    relay = start_relay(
+        defense={
+            "door_process": in_a_process,
+            "unknown_connections_per_second": 1,
+            "attack_refused_connections_per_second": 30,
+        }
+    )
+    if in_a_process:
+        door_process(relay)
+    defense = relay.server.defense
+    assert not defense.under_attack
+    too_many = replies.TOO_MANY_CONNECTIONS.encode() + b"\r\n"
+    # Strangers from 100 addresses, one connection each (no address over its own limits),
+    # as fast as this client goes: far more than 30 a second, and no AUTH at all.
+    answers = [banner(relay, f"127.76.{n // 200}.{n % 200 + 1}") for n in range(100)]
+    assert answers.count(too_many) >= 90
+    wait_for(lambda: defense.under_attack, timeout=3.0)
+    assert "strangers refused a second at the door" in defense.attack_reason
+
+
 def _ban_row(relay: RunningRelay, network: str) -> tuple[str, str, str] | None:
     with contextlib.closing(sqlite3.connect(relay.config.database_path)) as conn:
         row = conn.execute(
@@ -327,6 +351,30 @@ def test_the_door_process_reports_the_sources_it_refused_most_within_bounds(
     assert len(report["limited"]) == strangers_door.LIMITED_REPORTED
     assert min(report["limited"].values()) == 100 - strangers_door.LIMITED_REPORTED + 1
     assert report["limited"]["203.0.0.100"] == 100
+    keeper.conn.close()
+
+
+def test_the_door_process_reports_a_connection_flood_early_once_a_second(
+    tmp_path: Path,
+) -> None:
+    from mailfence.smtp import strangers_door
+    from mailfence.testing import relay_config
+
+    config = relay_config(tmp_path)
+    keeper = strangers_door._Keeper(config)
+    assert keeper.flood_report_at == 50  # a tenth of a second at 500 refused a second
+    start = keeper.next_report
+    assert keeper.report_due(start)  # the regular report; the next one a second later
+    for _ in range(49):
+        keeper.note_limited("203.0.113.9")
+    assert not keeper.report_due(start + 0.1)
+    keeper.note_limited("203.0.113.9")
+    assert keeper.report_due(start + 0.1)  # early: the fiftieth refusal
+    keeper.limited_total = 0  # as _report does
+    for _ in range(500):
+        keeper.note_limited("203.0.113.9")
+    assert not keeper.report_due(start + 0.2)  # one early report between two regular ones
+    assert keeper.report_due(start + 1.0)
     keeper.conn.close()
 
 

@@ -110,9 +110,14 @@ class Defense:
         self._global_sources: DistinctWindow[str] = DistinctWindow(
             ATTACK_SOURCES_WINDOW, cap=1_000_000
         )
+        # Strangers refused by their shared rate, over the last second: a connection flood.
+        self._strangers_refused: EventWindow[str] = EventWindow(
+            1.0, cap=max(1, config.attack_refused_connections_per_second)
+        )
         self._levels: OrderedDict[IPNetwork, tuple[int, float]] = OrderedDict()
         self.under_attack = False
         self.attack_reason = ""
+        self._flood_reason = ""  # the mode started on a connection flood (reported with it)
         self._calm_since: float | None = None
         self._change: str | None = None  # a change of mode the next tick reports
         # Told of every change of the strangers' rate as it happens (the mode starting on
@@ -245,6 +250,9 @@ class Defense:
         # All strangers together, last: a flood from thousands of addresses never reaches any
         # one address's limit, but each admitted connection costs a TLS handshake.
         if not strangers_checked and not self.strangers.admit(address, now):
+            if self.config.attack_refused_connections_per_second and not self.under_attack:
+                refused = self._strangers_refused.add("all", now)
+                self.on_strangers_refused(refused, 1.0, now)
             return ConnectVerdict(Action.LIMIT, "too many new connections from strangers")
         self._rate_source.add(source, now)
         self._rate_prefix.add(prefix, now)
@@ -408,6 +416,21 @@ class Defense:
         if not self.under_attack and not self.allowed(address):
             self._attack_evidence(self.source_of(address), now)
 
+    def on_strangers_refused(self, count: int, seconds: float, now: float) -> None:
+        """Strangers refused for their shared rate: `count` over the last `seconds` (the
+        relay's own door, or the strangers' door process's report). Thousands a second is a
+        connection flood, never a small host's background: under-attack mode starts on it
+        at once, before the flood's first guesses reach argon2 (their failed logins would
+        start it only after `attack_failures_per_minute` of them). Toward entering the mode
+        only, like a busy verification thread: failed logins decide when it ends."""
+        threshold = self.config.attack_refused_connections_per_second
+        if not threshold or self.under_attack or seconds <= 0:
+            return
+        per_second = count / max(seconds, 0.1)  # a tenth of a second's worth at least
+        if per_second >= threshold:
+            self._flood_reason = f"{per_second:.0f} strangers refused a second at the door"
+            self._enter_on(self._flood_reason)
+
     def _attack_evidence(self, source: IPNetwork, now: float) -> None:
         """A failed or refused login, toward under-attack mode. The mode starts here, at
         once, rather than at the next tick: in a flood's first second, strangers still
@@ -543,6 +566,8 @@ class Defense:
             self._enter(rate, sources)
         if self.under_attack:
             self.attack_reason = _attack_reason(rate, sources)
+            if self._flood_reason and not self._hot(rate, sources):
+                self.attack_reason = f"{self._flood_reason}; {self.attack_reason}"
         change, self._change = self._change, None
         if change is not None:
             return change
@@ -558,6 +583,7 @@ class Defense:
             elif now - self._calm_since >= config.attack_exit_after:
                 self.under_attack = False
                 self._calm_since = None
+                self._flood_reason = ""
                 self._set_strangers_rate(self._strangers_rate)
                 log.warning("attack over: %.0f failed logins/min from %d sources", rate, sources)
                 return "leave"
@@ -573,14 +599,17 @@ class Defense:
         return rate >= config.attack_failures_per_minute or sources >= config.attack_failing_sources
 
     def _enter(self, rate: float, sources: int) -> None:
+        self._enter_on(_attack_reason(rate, sources))
+
+    def _enter_on(self, reason: str) -> None:
         self.under_attack = True
         self._calm_since = None
         self._change = "enter"
         # Each stranger let in costs a TLS handshake on the customers' event loop, and in
         # this mode it gets one AUTH, refused unless it is a retry: let fewer in.
         self._set_strangers_rate(self._attack_strangers_rate)
-        self.attack_reason = _attack_reason(rate, sources)
-        log.warning("under attack: %.0f failed logins/min from %d sources", rate, sources)
+        self.attack_reason = reason
+        log.warning("under attack: %s", reason)
 
     def _set_strangers_rate(self, per_second: float) -> None:
         self.strangers.set_rate(per_second)

@@ -369,6 +369,10 @@ class Listeners:
                 self._passed,
                 self._counted,
             )
+            defense = self.defense
+            self.strangers_door.refusal_rate = lambda count, seconds: defense.on_strangers_refused(
+                count, seconds, time.time()
+            )
             # Under attack already (a reload restarts the child): its rate from the start.
             self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
             self.strangers_door.start()

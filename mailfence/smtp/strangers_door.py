@@ -16,7 +16,10 @@ relay's bans, allowlist and customers' networks are kept in.
 Messages on the channel (SOCK_SEQPACKET, one per datagram):
   child -> relay: b"R" ready; b"P<listener> <address>" with a descriptor, a passed
   connection; b"C" + JSON, its counts so far (cumulative), and the addresses it refused most
-  for a limit since the last report, with how often (toward a ban for hammering).
+  for a limit since the last report, with how often (toward a ban for hammering), and the
+  seconds since that report. A report comes early (at most once between two regular ones)
+  when a tenth of a second's worth of attack_refused_connections_per_second have been
+  refused: a connection flood starts under-attack mode in the relay at once.
   relay -> child: b"S<rate>", the strangers' shared rate per second (under-attack mode's,
   or back to normal). The channel closing means the relay is gone, and the child exits.
 """
@@ -97,6 +100,7 @@ class StrangersDoorProcess:
         # (refusals by action, connections accepted, refusals for a limit by address) since
         # the last call
         self.counted = counted
+        self.refusal_rate: Callable[[int, float], None] = lambda count, seconds: None
         self._process: BaseProcess | None = None
         self._channel: socket.socket | None = None
         self._reported: tuple[Counter[str], int] = (Counter(), 0)
@@ -180,11 +184,13 @@ class StrangersDoorProcess:
             refused = Counter({str(k): int(v) for k, v in report["refused"].items()})
             accepted = int(report["accepted"])
             limited = {str(k): int(v) for k, v in report.get("limited", {}).items()}
+            seconds = float(report.get("seconds", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError):
             return
         before_refused, before_accepted = self._reported
         self._reported = (refused, accepted)
         self.counted(refused - before_refused, accepted - before_accepted, limited)
+        self.refusal_rate((refused - before_refused)["limit"], seconds)
 
     def _gone(self) -> None:
         """The child is gone: the relay's own doors accept again until it is back."""
@@ -256,6 +262,13 @@ class _Keeper:
         self.accepted = 0
         # Refusals for a limit by address text since the last report (then cleared).
         self.limited: dict[str, int] = {}
+        self.limited_total = 0  # since the last report
+        # An early report (a connection flood) once this many are refused between two
+        # regular ones: a tenth of a second's worth at attack_refused_connections_per_second.
+        self.flood_report_at = max(1, self.defense.attack_refused_connections_per_second // 10)
+        self.reported_at = time.monotonic()
+        self.next_report = self.reported_at
+        self.early_sent = False
 
     def reload(self, known_good: bool) -> None:
         now = time.time()
@@ -283,8 +296,24 @@ class _Keeper:
             parsed = self._addresses[text] = (address, prefix)
         return parsed
 
+    def report_due(self, now: float) -> bool:
+        """Whether to report now: every REPORT_INTERVAL, and once in between as soon as a
+        connection flood shows (the relay starts under-attack mode on it)."""
+        if now >= self.next_report:
+            self.next_report = now + REPORT_INTERVAL
+            self.early_sent = False
+            return True
+        flood = (
+            self.defense.attack_refused_connections_per_second > 0
+            and self.limited_total >= self.flood_report_at
+            and not self.early_sent
+        )
+        self.early_sent = self.early_sent or flood
+        return flood
+
     def note_limited(self, text: str) -> None:
         """One more refusal for a limit from this address, for the next report."""
+        self.limited_total += 1
         limited = self.limited
         if text in limited:
             limited[text] += 1
@@ -328,7 +357,7 @@ def _child_main(
     channel.setblocking(False)
     poller.register(channel.fileno(), select.EPOLLIN)
     channel.send(b"R")
-    next_reload = next_known = next_report = time.monotonic()
+    next_reload = next_known = time.monotonic()
     while True:
         now = time.monotonic()
         if now >= next_reload:
@@ -337,9 +366,8 @@ def _child_main(
             next_reload = now + RELOAD_INTERVAL
             if known_good:
                 next_known = now + KNOWN_GOOD_INTERVAL
-        if now >= next_report:
+        if keeper.report_due(now):
             _report(channel, keeper)
-            next_report = now + REPORT_INTERVAL
         for fd, _ in poller.poll(RELOAD_INTERVAL):
             acceptor = acceptors.get(fd)
             if acceptor is not None:
@@ -372,9 +400,17 @@ def _from_relay(channel: socket.socket, keeper: _Keeper) -> bool:
 def _report(channel: socket.socket, keeper: _Keeper) -> None:
     limited = keeper.limited
     keeper.limited = {}
+    keeper.limited_total = 0
+    now = time.monotonic()
+    seconds, keeper.reported_at = now - keeper.reported_at, now
     most = heapq.nlargest(LIMITED_REPORTED, limited.items(), key=lambda item: item[1])
     report = json.dumps(
-        {"refused": keeper.refused, "accepted": keeper.accepted, "limited": dict(most)}
+        {
+            "refused": keeper.refused,
+            "accepted": keeper.accepted,
+            "limited": dict(most),
+            "seconds": seconds,
+        }
     )
     with contextlib.suppress(OSError):  # a full channel: the next report says it all
         channel.send(b"C" + report.encode())
