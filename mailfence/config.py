@@ -683,7 +683,10 @@ def _defense(sec: _Section) -> DefenseConfig:
         ),
         attack_failing_sources=sec.integer("attack_failing_sources", d.attack_failing_sources, 1),
         attack_refused_connections_per_second=sec.integer(
-            "attack_refused_connections_per_second", d.attack_refused_connections_per_second, 0
+            "attack_refused_connections_per_second",
+            d.attack_refused_connections_per_second,
+            0,
+            10_000,
         ),
         attack_exit_after=sec.duration("attack_exit_after", d.attack_exit_after),
         attack_auth_attempts_per_session=sec.integer(

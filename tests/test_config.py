@@ -93,6 +93,11 @@ max_queue_age = "2d"
         ("colour = 1\n", "colour", "remove it"),
         ("[relay]\nmax_recipients = 'ten'\n", "relay.max_recipients", "whole number"),
         ("[relay]\nmax_recipients = 0\n", "relay.max_recipients", "out of range"),
+        (
+            "[defense]\nattack_refused_connections_per_second = 10001\n",
+            "defense.attack_refused_connections_per_second",
+            "from 0 to 10000",
+        ),
         ("[relay]\nmax_queue_age = 'soon'\n", "relay.max_queue_age", "not a duration"),
         ("[relay]\nupstream = 'http://x'\n", "relay.upstream", "smtp+starttls://"),
         ("[auth]\nfailure_reply = 'maybe'\n", "auth.failure_reply", "temporary"),

@@ -428,6 +428,22 @@ def test_a_connection_flood_starts_under_attack_mode_before_any_login() -> None:
     assert core.tick(381.0) == "leave" and rates == [10, 50]
 
 
+def test_a_reloaded_connection_flood_threshold_applies_to_the_relays_door() -> None:
+    core = defense(unknown_connections_per_second=50)
+    core.config = dataclasses.replace(core.config, attack_refused_connections_per_second=2000)
+
+    def strangers(per_second: int, start: float, first: int) -> None:
+        for n in range(per_second):  # one second's worth
+            address = ip(f"127.{90 + (first + n) // 250}.{(first + n) % 250}.1")
+            core.on_connect(address, start + n / per_second, 0, 1000)
+            core.on_disconnect(address)
+
+    strangers(1500, 100.0, 0)  # over the old 500, under the new 2,000
+    assert not core.under_attack
+    strangers(2500, 200.0, 5000)
+    assert core.under_attack and core.attack_reason.startswith("2000 strangers refused")
+
+
 def test_the_door_process_report_of_a_connection_flood_starts_the_mode() -> None:
     core = defense(attack_refused_connections_per_second=500)
     core.on_strangers_refused(400, 1.0, 10.0)  # under the rate

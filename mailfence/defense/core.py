@@ -30,6 +30,7 @@ ATTACK_SOURCES_WINDOW = 300.0
 LEVEL_MEMORY = 7 * 86400.0  # a repeat offender within a week gets a longer ban
 MAX_REMEMBERED_LEVELS = 100_000
 NETWORK_CACHE_SIZE = 65_536
+MAX_FLOOD_THRESHOLD = 10_000  # attack_refused_connections_per_second's upper bound
 
 
 class Action(enum.Enum):
@@ -111,9 +112,8 @@ class Defense:
             ATTACK_SOURCES_WINDOW, cap=1_000_000
         )
         # Strangers refused by their shared rate, over the last second: a connection flood.
-        self._strangers_refused: EventWindow[str] = EventWindow(
-            1.0, cap=max(1, config.attack_refused_connections_per_second)
-        )
+        # Capped at the largest threshold the configuration allows, so a reload may change it.
+        self._strangers_refused: EventWindow[str] = EventWindow(1.0, cap=MAX_FLOOD_THRESHOLD)
         self._levels: OrderedDict[IPNetwork, tuple[int, float]] = OrderedDict()
         self.under_attack = False
         self.attack_reason = ""
