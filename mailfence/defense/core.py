@@ -186,8 +186,8 @@ class Defense:
         """Decides at accept time, before TLS or any session exists. `strangers_checked`:
         the strangers' door already let this one in (in its own process, strangers_door.py)."""
         verdict = self._connect_verdict(address, now, live_total, max_total, strangers_checked)
-        if verdict.action is Action.LIMIT:
-            bans = self.on_connections_refused(address, 1, now)
+        if verdict.action is Action.LIMIT:  # never an allowlisted source or a customers' network
+            bans = self._refused_toward_ban(address, 1, now)
             if bans:
                 verdict = ConnectVerdict(verdict.action, verdict.reason, bans=tuple(bans))
         if verdict.action is not Action.ALLOW:
@@ -264,8 +264,13 @@ class Defense:
         a source refused hundreds of times a minute is a bot reconnecting at once, and each
         connection a limit still lets through costs a TLS handshake on the customers' event
         loop. Returns the bans this caused."""
+        if self.allowed(address) or self.is_known_good_source(address):
+            return []
+        return self._refused_toward_ban(address, count, now)
+
+    def _refused_toward_ban(self, address: IPAddress, count: int, now: float) -> list[Ban]:
         threshold = self.config.ban_after_refused_connections
-        if not threshold or self.allowed(address) or self.is_known_good_source(address):
+        if not threshold:
             return []
         source = self.source_of(address)
         refused = self._refused.add(source, count, now)

@@ -369,10 +369,6 @@ class Listeners:
                 self._passed,
                 self._counted,
             )
-            defense = self.defense
-            self.strangers_door.refusal_rate = lambda count, seconds: defense.on_strangers_refused(
-                count, seconds, time.time()
-            )
             # Under attack already (a reload restarts the child): its rate from the start.
             self.strangers_door.set_strangers_rate(self.defense.strangers.rate)
             self.strangers_door.start()
@@ -381,13 +377,17 @@ class Listeners:
         listener = self._common[index][0]
         self.accepted(listener, connection, (address, 0), strangers_checked=True)
 
-    def _counted(self, refused: Counter[str], accepted: int, limited: dict[str, int]) -> None:
-        """What the strangers' door process did since its last report, into the figures the
-        relay shows (`stats`, `top`, metrics), as if its own door had done it; and the
-        sources it refused most for a limit, toward a ban for hammering."""
+    def _counted(
+        self, refused: Counter[str], accepted: int, limited: dict[str, int], seconds: float
+    ) -> None:
+        """What the strangers' door process did since its last report (`seconds` ago), into
+        the figures the relay shows (`stats`, `top`, metrics), as if its own door had done
+        it; its refusals for the strangers' rate, toward under-attack mode (a connection
+        flood); and the sources it refused most, toward a ban for hammering."""
         self.accepted_from["common"] += accepted
         self.defense.counters.connections_refused.update(refused)
         now = time.time()
+        self.defense.on_strangers_refused(refused["limit"], seconds, now)
         for text, count in limited.items():
             try:
                 address = parse_ip(text)

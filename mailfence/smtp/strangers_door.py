@@ -91,16 +91,15 @@ class StrangersDoorProcess:
         sockets: list[tuple[int, socket.socket]],
         fallback: list[Door],
         passed: Passed,
-        counted: Callable[[Counter[str], int, dict[str, int]], None],
+        counted: Callable[[Counter[str], int, dict[str, int], float], None],
     ) -> None:
         self.config = config
         self.sockets = sockets
         self.fallback = fallback
         self.passed = passed
         # (refusals by action, connections accepted, refusals for a limit by address) since
-        # the last call
+        # the last call, and the seconds the child's report covers
         self.counted = counted
-        self.refusal_rate: Callable[[int, float], None] = lambda count, seconds: None
         self._process: BaseProcess | None = None
         self._channel: socket.socket | None = None
         self._reported: tuple[Counter[str], int] = (Counter(), 0)
@@ -189,8 +188,7 @@ class StrangersDoorProcess:
             return
         before_refused, before_accepted = self._reported
         self._reported = (refused, accepted)
-        self.counted(refused - before_refused, accepted - before_accepted, limited)
-        self.refusal_rate((refused - before_refused)["limit"], seconds)
+        self.counted(refused - before_refused, accepted - before_accepted, limited, seconds)
 
     def _gone(self) -> None:
         """The child is gone: the relay's own doors accept again until it is back."""
